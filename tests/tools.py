@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import functools
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.ports import free_port
+
+__all__ = ["Validation", "dciodvfy", "dcmtk", "free_port"]
+
 DCMTK_DIRS = ("/usr/bin", "/usr/local/bin")
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @functools.cache
