@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.stats import norm
 
+from ml.errors import SynthError
 from ml.synth.centres import Centre
 
 B0 = -1.7
@@ -115,13 +116,15 @@ class PatientSpec:
     @property
     def crc(self) -> CrcLatent:
         """The CRC latent; only for CRC patients."""
-        assert isinstance(self.latent, CrcLatent), f"{self.patient_id} is not a CRC patient"
+        if not isinstance(self.latent, CrcLatent):
+            raise SynthError(f"patient {self.patient_id} is not a CRC patient")
         return self.latent
 
     @property
     def pdac(self) -> PdacLatent:
         """The PDAC latent; only for PDAC patients."""
-        assert isinstance(self.latent, PdacLatent), f"{self.patient_id} is not a PDAC patient"
+        if not isinstance(self.latent, PdacLatent):
+            raise SynthError(f"patient {self.patient_id} is not a PDAC patient")
         return self.latent
 
     def labels(self) -> dict[str, Any]:
