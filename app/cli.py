@@ -1,0 +1,36 @@
+"""The ``oncopacs`` command line: one sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from app import demo_cmd, logs, synth_cmd
+from ml.errors import OncopacsError
+
+log = logging.getLogger("oncopacs")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    top = argparse.ArgumentParser(prog="oncopacs", description=__doc__)
+    top.add_argument("-v", "--verbose", action="count", default=0,
+                     help="more log output (-v info, -vv debug)")
+    subs = top.add_subparsers(dest="command", required=True)
+    synth_cmd.add_parser(subs)
+    demo_cmd.add_parser(subs)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command; returns the process exit code (0 ok, 2 bad input)."""
+    args = parser().parse_args(argv)
+    logs.configure(args.verbose)
+    try:
+        code: int = args.run(args)
+    except OncopacsError as exc:
+        print(f"oncopacs {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return code
