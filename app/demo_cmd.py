@@ -36,7 +36,8 @@ def add_parser(subs: Any) -> None:
 
 def _series_lines(server: Orthanc, study_uid: str) -> list[str]:
     lines = []
-    for series in server.find_series(StudyInstanceUID=study_uid):
+    found = server.find_series(StudyInstanceUID=study_uid)
+    for series in sorted(found, key=lambda s: int(s["MainDicomTags"].get("SeriesNumber", 0))):
         tags = series["MainDicomTags"]
         count = len(series.get("Instances", []))
         line = (f"    {tags.get('Modality', '?'):3} series {tags.get('SeriesNumber', '?'):>3} "

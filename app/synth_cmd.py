@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from ml.errors import ConfigError
+from ml.errors import ConfigError, PeerError
 from ml.synth.cohort import CohortOptions, cohort_files, generate_cohort
 from ml.synth.push import cstore_files, mllp_send_files, stow_files
 
@@ -45,31 +46,61 @@ def add_parser(subs: Any) -> None:
     p.set_defaults(run=run)
 
 
-def push(args: argparse.Namespace, manifest: dict[str, Any]) -> None:
-    """Send a generated cohort to the peers named in ``args``."""
-    dicom, hl7 = cohort_files(manifest, args.out)
-    if args.stow_url:
-        report = stow_files(dicom, args.stow_url)
-    elif args.pacs:
-        host, port = _host_port(args.pacs, "--pacs")
-        report = cstore_files(dicom, host, port, args.pacs_aet, args.calling_aet)
+@dataclass(frozen=True)
+class PushTargets:
+    """Where ``--push`` sends the cohort, checked before anything is generated."""
+
+    pacs: tuple[str, int] | None
+    stow_url: str | None
+    mllp: tuple[str, int] | None
+    pacs_aet: str
+    calling_aet: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PushTargets:
+        """Parse and check the push options.
+
+        Raises
+        ------
+        ConfigError
+            If ``--push`` has no DICOM destination or an address is malformed.
+        """
+        if bool(args.pacs) == bool(args.stow_url):
+            raise ConfigError("--push needs exactly one of --pacs HOST:PORT or --stow-url URL")
+        return cls(pacs=_host_port(args.pacs, "--pacs") if args.pacs else None,
+                   stow_url=args.stow_url,
+                   mllp=_host_port(args.mllp, "--mllp") if args.mllp else None,
+                   pacs_aet=args.pacs_aet, calling_aet=args.calling_aet)
+
+
+def push(targets: PushTargets, manifest: dict[str, Any], root: Path) -> None:
+    """Send a generated cohort to ``targets``.
+
+    Raises
+    ------
+    PeerError
+        If a peer is unreachable, refuses the association, or refuses instances.
+    """
+    dicom, hl7 = cohort_files(manifest, root)
+    if targets.pacs is not None:
+        report = cstore_files(dicom, *targets.pacs, targets.pacs_aet, targets.calling_aet)
+    elif targets.stow_url is not None:
+        report = stow_files(dicom, targets.stow_url)
     else:
         raise ConfigError("--push needs --pacs HOST:PORT or --stow-url URL")
     print(f"DICOM: {report.sent} instances sent, {len(report.failed)} failed")
     for line in report.failed:
         print(f"  failed: {line}", file=sys.stderr)
-    if args.mllp:
-        host, port = _host_port(args.mllp, "--mllp")
-        acks = mllp_send_files(hl7, host, port)
+    if targets.mllp:
+        acks = mllp_send_files(hl7, *targets.mllp)
         print(f"HL7: {len(acks)} messages acknowledged")
     if report.failed:
-        raise ConfigError(f"{len(report.failed)} DICOM instances were not accepted")
+        raise PeerError(f"{len(report.failed)} DICOM instances were not accepted")
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate (and push) the cohort; print a one-line summary per group."""
-    if args.push and not (args.pacs or args.stow_url):
-        raise ConfigError("--push needs --pacs HOST:PORT or --stow-url URL")
+    targets = PushTargets.from_args(args) if args.push else None
     opts = CohortOptions(out=args.out, patients=args.patients, seed=args.seed,
                          centres=args.centers, size=args.size, workers=args.workers)
     with tqdm(total=args.patients, unit="patient", disable=None) as bar:
@@ -77,6 +108,6 @@ def run(args: argparse.Namespace) -> int:
     groups = [p["group"] for p in manifest["patients"]]
     print(f"{len(groups)} patients ({groups.count('CRC')} CRC, {groups.count('PDAC')} PDAC) "
           f"written to {args.out}; manifest {args.out / 'manifest.json'}")
-    if args.push:
-        push(args, manifest)
+    if targets is not None:
+        push(targets, manifest, args.out)
     return 0

@@ -15,21 +15,9 @@ from pydicom.uid import generate_uid
 
 from app.orthanc import Orthanc
 from tests.mllp import MllpListener
-from tests.tools import dcmtk
+from tests.tools import run_dcmtk
 
 pytestmark = pytest.mark.peers
-
-DCMTK_TIMEOUT_S = 30
-
-
-def run_dcmtk(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run a dcmtk program; fail the test with its output when it exits non-zero."""
-    proc = subprocess.run([dcmtk(name), *args], capture_output=True, text=True,
-                          check=False, timeout=DCMTK_TIMEOUT_S)
-    assert proc.returncode == 0, f"{name} {args} exited {proc.returncode}:\n" \
-                                 f"{proc.stdout}\n{proc.stderr}"
-    return proc
-
 
 def fresh_ct(folder: Path) -> tuple[pydicom.Dataset, Path]:
     """pydicom's example CT with new Study/Series/SOP Instance UIDs, saved in ``folder``.

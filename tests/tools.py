@@ -15,7 +15,7 @@ from pathlib import Path
 
 from app.ports import free_port
 
-__all__ = ["Validation", "dciodvfy", "dcmtk", "free_port"]
+__all__ = ["Validation", "dciodvfy", "dcmtk", "free_port", "run_dcmtk"]
 
 DCMTK_DIRS = ("/usr/bin", "/usr/local/bin")
 
@@ -59,3 +59,16 @@ def dciodvfy(path: Path) -> Validation:
     errors = [line for line in lines if line.startswith("Error")]
     warnings = [line for line in lines if line.startswith("Warning")]
     return Validation(path, errors, warnings)
+
+
+DCMTK_TIMEOUT_S = 60
+
+
+def run_dcmtk(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a dcmtk program; fail with its output when it exits non-zero."""
+    proc = subprocess.run([dcmtk(name), *args], capture_output=True, text=True,
+                          check=False, timeout=DCMTK_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise AssertionError(f"{name} {args} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
