@@ -57,6 +57,7 @@ def test_generator_messages_give_the_latent_fields(store: ClinicalStore,
             assert got.m is not None and got.m.value == "cM0"
             assert got.stage_group is not None and got.stage_group.value == crc.stage_group
             assert got.t.observed_at.date() == spec.surgery_date
+            assert got.site is not None and got.site.value == crc.site
         else:
             assert got.t is None and got.n is None and got.stage_group is None
             assert set(got.missing) == {"t", "n", "m", "stage_group", "site"}

@@ -60,6 +60,9 @@ PRIMARY_TUMOUR = ("21899-0", "Primary tumor.pathology Cancer")
 REGIONAL_NODES = ("21900-6", "Regional lymph nodes.pathology [Class] Cancer")
 DISTANT_METASTASES = ("21901-4", "Distant metastases.pathology [Class] Cancer")
 STAGE_GROUP = ("21902-2", "Stage group.pathology Cancer")
+PRIMARY_SITE = ("21905-5", "Primary tumor site Cancer")
+ICDO3_SYSTEM = "ICDO3"
+ICDO3_SITE = {"right colon": "C18.2", "left colon": "C18.6", "rectum": "C20.9"}
 
 T_TEXT = {
     1: "Tumour invades the submucosa",
@@ -238,7 +241,9 @@ def oru_pathology(spec: PatientSpec, seed: int) -> str:
     )
     for set_id, (code, value, text) in enumerate(coded, start=1):
         _obx(order, set_id, "CWE", code, f"{value}^{text}^{TNM_SYSTEM}", surgery)
-    _obx(order, len(coded) + 1, "TX", FINAL_DIAGNOSIS, pathology_summary(latent), surgery)
+    site = f"{ICDO3_SITE[latent.site]}^{latent.site}^{ICDO3_SYSTEM}"
+    _obx(order, len(coded) + 1, "CWE", PRIMARY_SITE, site, surgery)
+    _obx(order, len(coded) + 2, "TX", FINAL_DIAGNOSIS, pathology_summary(latent), surgery)
     return str(msg.to_er7())
 
 
