@@ -7,8 +7,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from app import demo_cmd, logs, synth_cmd
+from app import demo_cmd, logs, serve_cmd, synth_cmd
 from ml.errors import OncopacsError
+from ml.seg import cli as seg_cli
 
 log = logging.getLogger("oncopacs")
 
@@ -21,6 +22,9 @@ def parser() -> argparse.ArgumentParser:
     subs = top.add_subparsers(dest="command", required=True)
     synth_cmd.add_parser(subs)
     demo_cmd.add_parser(subs)
+    serve_cmd.add_parsers(subs)
+    train = subs.add_parser("train", help="train a model and write its package")
+    seg_cli.add_parser(train.add_subparsers(dest="model", required=True))
     return top
 
 

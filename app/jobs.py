@@ -3,7 +3,7 @@
 States of a job::
 
     received --(quiet period)--> complete --enqueue(pipeline)--> queued --claim--> running
-    complete --finish--> unmatched                   running --finish--> done | failed | dead
+    complete | running --finish--> unmatched         running --finish--> done | failed | dead
     running --resume() after a crash--> queued (attempts + 1), or dead after max_attempts
 
 - A job is opened in ``received`` by the first new instance of a study that has no
@@ -252,6 +252,19 @@ class JobStore:
         return self._transition(job_id, ("complete",), "queued",
                                 "pipeline = ?, updated_at = ?", (pipeline, self._now(now)))
 
+    def set_pipeline(self, job_id: int, pipeline: str) -> None:
+        """Record the pipeline the router chose for a job.
+
+        Raises
+        ------
+        JobStoreError
+            If the job does not exist.
+        """
+        with self._tx() as db:
+            if db.execute("UPDATE jobs SET pipeline = ? WHERE id = ?",
+                          (pipeline, job_id)).rowcount == 0:
+                raise JobStoreError(f"job {job_id} does not exist; cannot set its pipeline")
+
     def claim_next(self, now: float | None = None) -> Job | None:
         """Atomically move the oldest ``queued`` job to ``running`` and return it."""
         with self._tx() as db:
@@ -276,7 +289,8 @@ class JobStore:
         """
         if state not in FINAL_STATES:
             raise JobStoreError(f"finish() needs one of {sorted(FINAL_STATES)}, got {state!r}")
-        allowed = ("complete", "queued") if state == "unmatched" else ("running", "queued")
+        allowed = ("complete", "queued", "running") if state == "unmatched" \
+            else ("running", "queued")
         return self._transition(job_id, allowed, state, "reason = ?, updated_at = ?",
                                 (reason, self._now(now)))
 
