@@ -246,6 +246,13 @@ class Outbox:
             raise ExportError(f"outbox {self.path} has no item {item_id}")
         return _item(row)
 
+    def for_job(self, job_id: str) -> list[Item]:
+        """Every item queued for a job, whatever its state."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM outbox WHERE job_id = ? ORDER BY id",
+                                    (job_id,)).fetchall()
+        return [_item(row) for row in rows]
+
     def due(self, now: float | None = None) -> list[Item]:
         """Pending items whose next attempt is at or before ``now`` (default: the clock)."""
         moment = self.clock() if now is None else now

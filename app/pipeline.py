@@ -25,7 +25,14 @@ from app.results.seg import build_seg
 from app.results.sr import build_sr, structure_volumes_ml
 from app.routing import SeriesSummary, clinical_field_names, route
 from app.spool import make_dirs_durably, write_durably
-from app.wsi_fetch import choose_slide, find_slides, open_slide, tissue_tiles
+from app.wsi_fetch import (
+    WsiArchiveError,
+    WsiReadError,
+    choose_slide,
+    find_slides,
+    open_slide,
+    tissue_tiles,
+)
 from ml.seg import CLASSES
 from ml.seg.infer import segment
 
@@ -45,7 +52,15 @@ def study_series(services: Services, study_uid: str) -> list[SeriesSummary]:
 
 
 def route_job(services: Services, ctx: StudyContext) -> StudyContext | None:
-    """Choose pipeline A, B or none; an unmatched study's job ends with the reason."""
+    """Choose pipeline A, B or none; an unmatched study's job ends with the reason.
+
+    A job resumed after a crash whose results were already queued for export ends
+    here as done, so a study's results are stored once.
+    """
+    if queued := services.outbox.for_job(str(ctx.job_id)):
+        services.jobs.finish(ctx.job_id, "done", f"results already queued before a restart "
+                             f"(outbox items {', '.join(str(i.id) for i in queued)})")
+        return None
     series = study_series(services, ctx.study_uid)
     if not series:
         raise JobFailure(f"study {ctx.study_uid} has no instances in the spool")
@@ -105,17 +120,21 @@ def fetch_slide(services: Services, ctx: StudyContext) -> StudyContext:
     settings = services.settings.wsi
     if ctx.pipeline != "A" or settings is None:
         return ctx
-    refs = find_slides(settings, ctx.patient_id, ctx.issuer or None)
-    ref = choose_slide(settings, refs)
-    if ref is None:
-        log.info("job %d: no H&E slide in the archive", ctx.job_id)
+    try:
+        ref = choose_slide(settings, find_slides(settings, ctx.patient_id, ctx.issuer or None))
+        if ref is None:
+            log.info("job %d: no H&E slide in the archive", ctx.job_id)
+            return ctx
+        with tempfile.TemporaryDirectory(prefix="oncopacs-wsi-") as folder, \
+                open_slide(settings, ref, Path(folder)) as slide:
+            # Streams the tissue tiles batch by batch (never the whole slide); model A
+            # consumes these batches once it joins the graph, until then they are counted.
+            ctx.slide_tissue_tiles = sum(len(b.pixels) for b in tissue_tiles(slide, settings))
+            ctx.slide = ref
+    except (WsiArchiveError, WsiReadError) as exc:
+        # Model A works without the slide; the SR lists it as a missing input.
+        log.warning("job %d: slide unavailable, going on without it: %s", ctx.job_id, exc)
         return ctx
-    with tempfile.TemporaryDirectory(prefix="oncopacs-wsi-") as folder, \
-            open_slide(settings, ref, Path(folder)) as slide:
-        # Streams the tissue tiles batch by batch (never the whole slide); model A
-        # consumes these batches once it joins the graph, until then they are counted.
-        ctx.slide_tissue_tiles = sum(len(b.pixels) for b in tissue_tiles(slide, settings))
-        ctx.slide = ref
     log.info("job %d: slide %s, %d tissue tiles", ctx.job_id, ref.series_uid,
              ctx.slide_tissue_tiles)
     return ctx

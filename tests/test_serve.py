@@ -19,6 +19,8 @@ import requests
 from pydicom import examples
 from pydicom.uid import generate_uid
 
+from app.export import Outbox
+from app.jobs import JobStore
 from app.orthanc import Orthanc
 from ml.synth.cohort import CohortOptions, generate_cohort
 from ml.synth.push import cstore_files, mllp_send_files
@@ -173,4 +175,52 @@ def test_bad_input_gets_a_reason_and_the_service_stays_up(
         check=False, timeout=60)
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+    assert svc.healthy()
+
+
+def job_rows(svc: Service) -> list[tuple[int, str, str]]:
+    """(job id, study, state) straight from the service's job store."""
+    with JobStore(Path(svc.config["storage"]["root"]) / "jobs.sqlite") as jobs:
+        return [(j.id, j.study_uid, j.state) for j in jobs.jobs()]
+
+
+def test_kill_9_mid_study_then_restart_stores_results_once(
+        service: tuple[Service, Orthanc], cohort: tuple[Path, dict[str, Any]]) -> None:
+    svc, pacs = service
+    root, manifest = cohort
+    crc = manifest["patients"][0]
+    study_uid = crc["ct"]["study_uid"]
+    send_study(pacs.dicom_port, pacs.aet, root, crc)  # the PACS forwards it to oncopacs
+    svc.wait_for(lambda: any(uid == study_uid and state == "running"
+                             for _, uid, state in job_rows(svc)), 120, "the job running")
+    svc.kill()
+    assert not results_in(pacs, study_uid).get("SR")  # killed before it exported
+    svc.start()
+    found = wait_results(svc, pacs, study_uid)
+    svc.wait_for(lambda: [s for _, uid, s in job_rows(svc) if uid == study_uid] == ["done"],
+                 60, "the resumed job done")
+    jobs = [job for job, uid, _ in job_rows(svc) if uid == study_uid]
+    with Outbox(Path(svc.config["storage"]["root"]) / "outbox.sqlite") as outbox:
+        items = [i for job in jobs for i in outbox.for_job(str(job))]
+    assert [i.state for i in items] == ["accepted"]  # one export, no second after restart
+    found = results_in(pacs, study_uid)
+    assert [len(found[m]) for m in ("SEG", "SR", "OT")] == [1, 1, 1]
+    assert all(len(s["Instances"]) == 1 for m in ("SEG", "SR", "OT") for s in found[m])
+
+
+def test_pacs_down_during_export_then_back_gets_the_results(
+        service: tuple[Service, Orthanc], cohort: tuple[Path, dict[str, Any]]) -> None:
+    svc, pacs = service
+    root, manifest = cohort
+    pdac = manifest["patients"][1]
+    study_uid = pdac["ct"]["study_uid"]
+    pacs.kill()
+    send_study(svc.dicom_port, "ONCOPACS", root, pdac)
+    with Outbox(Path(svc.config["storage"]["root"]) / "outbox.sqlite") as outbox:
+        svc.wait_for(lambda: any(i.attempts >= 2 and i.state == "pending"
+                                 for i in outbox.for_job(str(job_rows(svc)[-1][0]))),
+                     180, "two failed export attempts")
+    pacs.restart()
+    found = wait_results(svc, pacs, study_uid)
+    assert [len(found[m]) for m in ("SEG", "SR", "OT")] == [1, 1, 1]
     assert svc.healthy()
