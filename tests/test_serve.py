@@ -22,9 +22,9 @@ from pydicom.uid import generate_uid
 from app.export import Outbox
 from app.jobs import JobStore
 from app.orthanc import Orthanc
+from app.service_process import FORWARD_CT_LUA, SENDER_AET, Service, serve_config
 from ml.synth.cohort import CohortOptions, generate_cohort
 from ml.synth.push import cstore_files, mllp_send_files
-from tests.serve_helpers import SENDER_AET, Service, serve_config
 from tests.tools import dciodvfy, dcmtk, run_dcmtk
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
@@ -39,33 +39,12 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
                                               workers=2))
 
 
-FORWARD_CT_LUA = """
--- As a hospital PACS would be set up: when a study is stable, forward its CT series
--- to oncopacs. Only CT, so the SEG/SR/card stored back are not sent round again;
--- re-sent CT instances are known to oncopacs and open no new job.
--- (Orthanc 1.10's Lua SendToModality takes instance ids only, hence the REST call.)
-function OnStableStudy(studyId, tags, metadata)
-  local ct = {}
-  for _, seriesId in ipairs(ParseJson(RestApiGet('/studies/' .. studyId))['Series']) do
-    local series = ParseJson(RestApiGet('/series/' .. seriesId))
-    if series['MainDicomTags']['Modality'] == 'CT' then
-      table.insert(ct, seriesId)
-    end
-  end
-  if #ct > 0 then
-    RestApiPost('/modalities/oncopacs/store',
-                DumpJson({Resources = ct, Synchronous = false}))
-  end
-end
-"""
 
 
 @pytest.fixture
 def service(tmp_path: Path, orthanc_factory: Callable[..., Orthanc],
             cohort: tuple[Path, dict[str, Any]]) -> Iterator[tuple[Service, Orthanc]]:
-    lua = tmp_path / "forward.lua"
-    lua.write_text(FORWARD_CT_LUA)
-    pacs = orthanc_factory(stable_age_s=1, extra_config={"LuaScripts": [str(lua)]})
+    pacs = orthanc_factory(stable_age_s=1, extra_config={"LuaScripts": [str(FORWARD_CT_LUA)]})
     root, manifest = cohort
     wsi = manifest["patients"][0]["wsi"]
     cstore_files(sorted((root / wsi["folder"]).glob("*.dcm")), pacs.host, pacs.dicom_port,
