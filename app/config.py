@@ -78,14 +78,14 @@ class HttpSettings(Frozen):
     """The ``/healthz`` and ``/metrics`` endpoint."""
 
     host: str = "127.0.0.1"
-    port: int = Field(default=8042, ge=0, le=65535)
+    port: int = Field(default=8090, ge=0, le=65535)
 
 
 class ServeSettings(Frozen):
     """Everything ``oncopacs serve`` needs."""
 
     dicom: ListenerSettings
-    hl7: Hl7ListenerSettings = Hl7ListenerSettings(port=0)
+    hl7: Hl7ListenerSettings = Hl7ListenerSettings()
     storage: StorageSettings
     routing: RoutingSettings = RoutingSettings()
     segmentation: SegmentationSettings = SegmentationSettings()
