@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from app import demo_cmd, logs, serve_cmd, synth_cmd
+from app import demo_cmd, logs, oneshot_cmd, serve_cmd, synth_cmd
 from ml.errors import OncopacsError
 from ml.seg import cli as seg_cli
 
@@ -23,6 +23,7 @@ def parser() -> argparse.ArgumentParser:
     synth_cmd.add_parser(subs)
     demo_cmd.add_parser(subs)
     serve_cmd.add_parsers(subs)
+    oneshot_cmd.add_parser(subs)
     train = subs.add_parser("train", help="train a model and write its package")
     seg_cli.add_parser(train.add_subparsers(dest="model", required=True))
     return top

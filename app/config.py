@@ -9,7 +9,7 @@ side effects (nothing is created or opened).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -81,17 +81,22 @@ class HttpSettings(Frozen):
     port: int = Field(default=8090, ge=0, le=65535)
 
 
-class ServeSettings(Frozen):
-    """Everything ``oncopacs serve`` needs."""
+class PipelineSettings(Frozen):
+    """What the steps of a study job need, in serve and one-shot mode alike."""
 
-    dicom: ListenerSettings
-    hl7: Hl7ListenerSettings = Hl7ListenerSettings()
     storage: StorageSettings
     routing: RoutingSettings = RoutingSettings()
     segmentation: SegmentationSettings = SegmentationSettings()
     wsi: WsiArchiveSettings | None = None
     results: ResultsSettings = ResultsSettings()
     export: ExportSettings = ExportSettings()
+
+
+class ServeSettings(PipelineSettings):
+    """Everything ``oncopacs serve`` needs: the pipeline, listeners and destinations."""
+
+    dicom: ListenerSettings
+    hl7: Hl7ListenerSettings = Hl7ListenerSettings()
     destinations: tuple[DestinationSettings, ...] = Field(min_length=1)
     http: HttpSettings = HttpSettings()
     poll_interval_s: float = Field(default=0.5, gt=0)
@@ -104,12 +109,13 @@ class ServeSettings(Frozen):
         return self
 
 
-def _resolve_paths(data: Any, base: Path, keys: frozenset[str]) -> Any:
+def resolve_config_paths(data: Any, base: Path, keys: frozenset[str]) -> Any:
+    """``data`` with the relative paths under ``keys`` made relative to ``base``."""
     if isinstance(data, dict):
         return {k: (str(base / v) if k in keys and isinstance(v, str) and not Path(v).is_absolute()
-                    else _resolve_paths(v, base, keys)) for k, v in data.items()}
+                    else resolve_config_paths(v, base, keys)) for k, v in data.items()}
     if isinstance(data, list):
-        return [_resolve_paths(v, base, keys) for v in data]
+        return [resolve_config_paths(v, base, keys) for v in data]
     return data
 
 
@@ -117,20 +123,28 @@ PATH_KEYS = frozenset({"root", "package", "cert_path", "key_path", "ca_path", "t
                        "tls_key_file", "tls_client_ca_file"})
 
 
-def parse_config(data: dict[str, Any], where: str = "configuration") -> ServeSettings:
-    """Validate a configuration mapping.
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def validate_settings(model: type[SettingsT], data: Any, where: str) -> SettingsT:
+    """Validate ``data`` as ``model``.
 
     Raises
     ------
     ConfigError
-        Naming each wrong field (``dicom.port: Input should be ...``).
+        Naming ``where`` and each wrong field (``dicom.port: Input should be ...``).
     """
     try:
-        return ServeSettings.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
                              for e in exc.errors())
         raise ConfigError(f"{where}: {problems}") from None
+
+
+def parse_config(data: dict[str, Any], where: str = "configuration") -> ServeSettings:
+    """Validate a serve configuration mapping (see :func:`validate_settings`)."""
+    return validate_settings(ServeSettings, data, where)
 
 
 def load_config(path: Path) -> ServeSettings:
@@ -149,5 +163,5 @@ def load_config(path: Path) -> ServeSettings:
         raise ConfigError(f"configuration {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"configuration {path} must be a mapping of sections")
-    data = _resolve_paths(data, path.parent.resolve(), PATH_KEYS)
+    data = resolve_config_paths(data, path.parent.resolve(), PATH_KEYS)
     return parse_config(data, str(path))

@@ -14,7 +14,7 @@ from ml.errors import OncopacsError
 
 if TYPE_CHECKING:
     from app.clinical import ClinicalFields, ClinicalStore
-    from app.config import ServeSettings
+    from app.config import PipelineSettings
     from app.export import Outbox, Sender
     from app.health import Metrics
     from app.jobs import JobStore
@@ -33,7 +33,7 @@ class JobFailure(OncopacsError):
 class Services:
     """Long-lived objects shared by the steps of every job."""
 
-    settings: ServeSettings
+    settings: PipelineSettings
     spool: Spool
     jobs: JobStore
     clinical: ClinicalStore

@@ -17,7 +17,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +26,11 @@ from holoscan.schedulers import EventBasedScheduler
 from monai.deploy.core import Application
 
 from app.clinical import ClinicalStore
-from app.config import ServeSettings
+from app.config import PipelineSettings, ServeSettings
 from app.context import Services
 from app.dicom_listener import DicomListener
 from app.export import Outbox, make_sender
+from app.export_senders import DestinationSettings
 from app.health import HealthServer, Metrics
 from app.hl7_listener import Hl7Listener
 from app.jobs import JobStore
@@ -56,7 +57,8 @@ CHAIN: tuple[type[JobOperator], ...] = (
 EXPORT_PERIOD = dt.timedelta(seconds=1)
 
 
-def open_services(settings: ServeSettings) -> Services:
+def open_services(settings: PipelineSettings,
+                  destinations: Sequence[DestinationSettings] = ()) -> Services:
     """Open the stores and load the segmentation package (no network yet)."""
     storage = settings.storage
     make_dirs_durably(storage.root)
@@ -69,14 +71,15 @@ def open_services(settings: ServeSettings) -> Services:
         outbox=Outbox(storage.outbox_db, settings.export), metrics=Metrics(),
         seg_package=package,
         seg_model=ModelIdentity(package.name, package.version, package.sha256, demo=demo),
-        senders={d.name: make_sender(d) for d in settings.destinations})
+        senders={d.name: make_sender(d) for d in destinations})
 
 
 class ServeApp(Application):  # type: ignore[misc]
     """The serve graph over already opened services and a started DICOM listener."""
 
-    def __init__(self, services: Services, listener: DicomListener,
+    def __init__(self, settings: ServeSettings, services: Services, listener: DicomListener,
                  stop: threading.Event) -> None:
+        self.settings = settings
         self.services = services
         self.listener = listener
         self.stop_event = stop
@@ -84,7 +87,7 @@ class ServeApp(Application):  # type: ignore[misc]
 
     def compose(self) -> None:
         s = self.services
-        period = dt.timedelta(seconds=s.settings.poll_interval_s)
+        period = dt.timedelta(seconds=self.settings.poll_interval_s)
         source = JobSourceOperator(
             self, PeriodicCondition(self, recess_period=period, name="poll"),
             BooleanCondition(self, name="stop"), name="dicom_listener", services=s,
@@ -120,7 +123,7 @@ def health(services: Services) -> dict[str, Any]:
 @contextlib.contextmanager
 def running(settings: ServeSettings) -> Iterator[Running]:
     """Open the services, resume unfinished jobs, start DICOM, HL7 and HTTP listeners."""
-    services = open_services(settings)
+    services = open_services(settings, settings.destinations)
     resumed = services.jobs.resume()
     if resumed:
         log.info("resumed %d unfinished job(s)", len(resumed))
@@ -149,7 +152,7 @@ def serve(settings: ServeSettings, stop: threading.Event | None = None) -> None:
         log.info("serving: DICOM %s@%s:%d, HL7 port %d, HTTP port %d",
                  settings.dicom.ae_title, settings.dicom.host, run.dicom.port, run.hl7.port,
                  run.http.port)
-        app = ServeApp(run.services, run.dicom, stop)
+        app = ServeApp(settings, run.services, run.dicom, stop)
         app.scheduler(EventBasedScheduler(app, name="scheduler", worker_thread_number=2,
                                           stop_on_deadlock=True))
         app.run()
