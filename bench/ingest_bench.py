@@ -11,6 +11,10 @@ b. :class:`app.dicom_listener.DicomListener` with its durable spool (fsync of fi
 c. the same listener with the spool's fsync disabled (this benchmark only), to show how
    much of (b) is the durability and how much is pynetdicom.
 
+storescu waits for each C-STORE response before it sends the next instance, so (b)
+pays one file fsync, one folder fsync and one SQLite commit per instance on the
+critical path; storescp (dcmtk 3.6.7) has no fsync option at all.
+
 Prints instances/s and MB/s of the best of ``--repeats`` runs per receiver, and the ratio
 (b)/(a). Both peers run with ``TCP_NODELAY=1``: dcmtk 3.6.7 otherwise leaves Nagle's
 algorithm on and every PDU waits for a delayed ACK (~40 ms), which hides the receivers.
@@ -143,9 +147,11 @@ def main() -> None:
             "c. oncopacs listener (spool fsync off)": best_of(args.repeats,
                                                               to_listener_no_fsync, tmp),
         }
+        load = os.getloadavg()
         print(f"ingest: 1 default-size CT study, {len(files)} instances, {mb:.1f} MB, "
               f"one association, max PDU {args.max_pdu}, best of {args.repeats}, "
-              f"{os.cpu_count()} cores")
+              f"{os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} "
+              f"{load[2]:.2f}")
         for name, seconds in results.items():
             print(f"  {name:40s} {seconds:7.3f} s {len(files) / seconds:8.1f} instances/s "
                   f"{mb / seconds:7.1f} MB/s")
