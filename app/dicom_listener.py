@@ -19,6 +19,7 @@ dependencies as arguments (``(evt.EVT_C_STORE, handle_store, [spool, jobs, clock
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import ssl
@@ -227,14 +228,22 @@ def _reject(spool: Spool, data: bytes, rejection: Rejection, calling_aet: str) -
     return _status(rejection.status, rejection.comment)
 
 
+StatusHook = Callable[[int], None]
+"""Told the status of every C-STORE answered (for metrics); must not raise."""
+
+
 def handle_store(event: evt.Event, spool: Spool, jobs: JobStore,
-                 clock: Callable[[], float]) -> Dataset:
+                 clock: Callable[[], float], on_status: StatusHook | None = None) -> Dataset:
     """EVT_C_STORE handler: validate, spool (fsync), record; never raises."""
     try:
-        return _store(event, spool, jobs, clock)
+        status = _store(event, spool, jobs, clock)
     except Exception:  # a handler must answer; pynetdicom would send 0xC211
         log.exception("unexpected error handling C-STORE")
-        return _status(OUT_OF_RESOURCES, "internal error while storing")
+        status = _status(OUT_OF_RESOURCES, "internal error while storing")
+    if on_status is not None:
+        with contextlib.suppress(Exception):
+            on_status(int(status.Status))
+    return status
 
 
 def _store(event: evt.Event, spool: Spool, jobs: JobStore,
@@ -322,11 +331,15 @@ class DicomListener:
         Where accepted instances go.
     clock:
         Seconds since the epoch, stamped on each recorded instance.
+    on_status:
+        Told each C-STORE status answered (metrics).
     """
 
     def __init__(self, settings: ListenerSettings, spool: Spool, jobs: JobStore, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_status: StatusHook | None = None) -> None:
         self.settings = settings
+        self._on_status = on_status
         self.spool = spool
         self.jobs = jobs
         self._clock = clock
@@ -360,7 +373,8 @@ class DicomListener:
             handlers: list[Any] = [
                 (evt.EVT_REQUESTED, handle_requested, [s]),
                 (evt.EVT_C_ECHO, handle_echo),
-                (evt.EVT_C_STORE, handle_store, [self.spool, self.jobs, self._clock]),
+                (evt.EVT_C_STORE, handle_store,
+                 [self.spool, self.jobs, self._clock, self._on_status]),
             ]
             ctx = server_ssl_context(s.tls) if s.tls is not None else None
             try:

@@ -27,6 +27,7 @@ import socketserver
 import ssl
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +261,9 @@ class Hl7Listener:
     Use :meth:`start` and :meth:`stop`, or the object as a context manager.
     """
 
-    def __init__(self, settings: Hl7ListenerSettings, store: ClinicalStore) -> None:
+    def __init__(self, settings: Hl7ListenerSettings, store: ClinicalStore, *,
+                 on_ack: Callable[[str], None] | None = None) -> None:
+        self._on_ack = on_ack
         self.settings = settings
         self.store = store
         self._server: _Server | None = None
@@ -339,6 +342,19 @@ class Hl7Listener:
         self.stop()
 
     def respond(self, frame: bytes, too_large: bool = False, peer: str = "") -> str:
+        """Handle one MLLP payload and return the ACK to send; never raises.
+
+        The ACK code (AA, AE, AR) is told to ``on_ack`` (metrics).
+        """
+        ack = self._respond(frame, too_large, peer)
+        if self._on_ack is not None:
+            code = next((seg.split("|")[1] for seg in ack.split("\r")
+                         if seg.startswith("MSA|") and seg.count("|") >= 1), "?")
+            with contextlib.suppress(Exception):
+                self._on_ack(code)
+        return ack
+
+    def _respond(self, frame: bytes, too_large: bool = False, peer: str = "") -> str:
         """Handle one MLLP payload and return the ACK to send; never raises.
 
         AA only after the store committed; a store failure gives AE.

@@ -140,6 +140,18 @@ def fetch_slide(services: Services, ctx: StudyContext) -> StudyContext:
     return ctx
 
 
+def clinical_inputs(services: Services, ctx: StudyContext) -> StudyContext:
+    """Pipeline A: the patient's latest clinical fields (TNM, CEA, CA19-9, age, sex, site),
+    each with its source message and date; missing ones stay None for the model."""
+    if ctx.pipeline != "A":
+        return ctx
+    ctx.clinical = services.clinical.clinical_fields(ctx.patient_id, ctx.issuer,
+                                                     dt.datetime.now())
+    log.info("job %d: clinical fields missing: %s", ctx.job_id,
+             ", ".join(ctx.clinical.missing) or "none")
+    return ctx
+
+
 def structures_for(pipeline: str) -> dict[int, Structure]:
     """SEG structures of the segmentation classes; the tumour is named by pipeline."""
     tumour = "colorectal_tumour" if pipeline == "A" else "pancreatic_tumour"

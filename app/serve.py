@@ -1,7 +1,7 @@
 """``oncopacs serve``: the long-running MONAI Deploy graph beside the PACS.
 
     dicom_listener (source) -> router -> volume -> segmentation -> wsi_fetch
-        -> seg_writer -> sr_writer -> result_card -> pacs_export
+        -> clinical_fields -> seg_writer -> sr_writer -> result_card -> pacs_export
     export_pump (periodic): retries the outbox until each destination accepts
 
 The DICOM and HL7 listeners receive on their own threads; the graph runs under
@@ -38,6 +38,7 @@ from app.results import ModelIdentity
 from app.spool import Spool, make_dirs_durably
 from ml.seg.package import load_package
 from operators.base import IN, OUT, JobOperator
+from operators.clinical_fields import ClinicalFieldsOperator
 from operators.export_pump import ExportPumpOperator
 from operators.job_source import JobSourceOperator
 from operators.pacs_export import PacsExportOperator
@@ -53,7 +54,8 @@ log = logging.getLogger(__name__)
 
 CHAIN: tuple[type[JobOperator], ...] = (
     RouterOperator, SeriesVolumeOperator, SegmentationOperator, WsiFetchOperator,
-    SegWriterOperator, SrWriterOperator, ResultCardOperator, PacsExportOperator)
+    ClinicalFieldsOperator, SegWriterOperator, SrWriterOperator, ResultCardOperator,
+    PacsExportOperator)
 EXPORT_PERIOD = dt.timedelta(seconds=1)
 
 
@@ -127,8 +129,18 @@ def running(settings: ServeSettings) -> Iterator[Running]:
     resumed = services.jobs.resume()
     if resumed:
         log.info("resumed %d unfinished job(s)", len(resumed))
-    dicom = DicomListener(settings.dicom, services.spool, services.jobs).start()
-    hl7 = Hl7Listener(settings.hl7, services.clinical).start()
+    metrics = services.metrics
+
+    def on_status(status: int) -> None:
+        if status == 0 or 0xB000 <= status <= 0xBFFF:
+            metrics.instances_received.inc()
+        else:
+            metrics.instances_rejected.labels(reason=f"0x{status:04X}").inc()
+
+    dicom = DicomListener(settings.dicom, services.spool, services.jobs,
+                          on_status=on_status).start()
+    hl7 = Hl7Listener(settings.hl7, services.clinical,
+                      on_ack=lambda code: metrics.hl7_messages.labels(ack=code).inc()).start()
     http = HealthServer(settings.http.host, settings.http.port, services.metrics,
                         lambda: health(services)).start()
     try:

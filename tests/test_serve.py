@@ -155,6 +155,10 @@ def test_bad_input_gets_a_reason_and_the_service_stays_up(
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
     assert svc.healthy()
+    metrics = requests.get(f"{svc.http_url}/metrics", timeout=10).text
+    assert "oncopacs_instances_received_total 2.0" in metrics
+    assert 'oncopacs_hl7_messages_total{ack="AA"} 5.0' in metrics
+    assert 'oncopacs_jobs{state="unmatched"} 2.0' in metrics
 
 
 def job_rows(svc: Service) -> list[tuple[int, str, str]]:
@@ -180,8 +184,11 @@ def test_kill_9_mid_study_then_restart_stores_results_once(
                  60, "the resumed job done")
     jobs = [job for job, uid, _ in job_rows(svc) if uid == study_uid]
     with Outbox(Path(svc.config["storage"]["root"]) / "outbox.sqlite") as outbox:
-        items = [i for job in jobs for i in outbox.for_job(str(job))]
-    assert [i.state for i in items] == ["accepted"]  # one export, no second after restart
+        # Orthanc shows the instances a moment before the outbox records the acceptance.
+        states = svc.wait_for(
+            lambda: (s := [i.state for j in jobs for i in outbox.for_job(str(j))]) and
+            "pending" not in s and s, 30, "the export accepted")
+    assert states == ["accepted"]  # one export, no second after the restart
     found = results_in(pacs, study_uid)
     assert [len(found[m]) for m in ("SEG", "SR", "OT")] == [1, 1, 1]
     assert all(len(s["Instances"]) == 1 for m in ("SEG", "SR", "OT") for s in found[m])
