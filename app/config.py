@@ -147,6 +147,27 @@ def parse_config(data: dict[str, Any], where: str = "configuration") -> ServeSet
     return validate_settings(ServeSettings, data, where)
 
 
+def read_config_file(path: Path, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The mapping in the YAML file at ``path`` (``{}`` for an empty file if ``empty_ok``).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not YAML, or does not hold a mapping.
+    """
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration {path} is not valid YAML: {exc}") from None
+    if data is None and empty_ok:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration {path} must be a mapping of sections")
+    return data
+
+
 def load_config(path: Path) -> ServeSettings:
     """Read and validate the YAML configuration at ``path``.
 
@@ -155,13 +176,5 @@ def load_config(path: Path) -> ServeSettings:
     ConfigError
         If the file is missing, is not YAML, or a field is wrong (each named).
     """
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"configuration {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"configuration {path} must be a mapping of sections")
-    data = resolve_config_paths(data, path.parent.resolve(), PATH_KEYS)
+    data = resolve_config_paths(read_config_file(path), path.parent.resolve(), PATH_KEYS)
     return parse_config(data, str(path))

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from holoscan.conditions import BooleanCondition
 from holoscan.schedulers import EventBasedScheduler
 from monai.deploy.core import AppContext, Application, RuntimeEnv
@@ -40,6 +39,7 @@ from app.config import (
     PipelineSettings,
     SegmentationSettings,
     StorageSettings,
+    read_config_file,
     resolve_config_paths,
     validate_settings,
 )
@@ -49,7 +49,7 @@ from app.results import ResultsSettings
 from app.routing import RoutingSettings
 from app.serve import CHAIN, open_services
 from app.wsi_archive import WsiArchiveSettings
-from ml.errors import ConfigError, OncopacsError
+from ml.errors import OncopacsError
 from ml.seg.package import METADATA
 from operators.base import IN, OUT
 from operators.folder_sink import FolderSinkOperator
@@ -93,16 +93,7 @@ def load_oneshot_config(path: Path) -> OneShotSettings:
     ConfigError
         If the file is missing, not YAML, not a mapping, or a field is wrong (each named).
     """
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"configuration {path} is not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"configuration {path} must be a mapping of sections")
+    data = read_config_file(path, empty_ok=True)
     ours = {k: v for k, v in data.items() if k not in PACKAGER_SECTIONS}
     ours = resolve_config_paths(ours, path.parent.resolve(), PATH_KEYS)
     return validate_settings(OneShotSettings, ours, str(path))
