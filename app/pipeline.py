@@ -33,6 +33,7 @@ from app.wsi_fetch import (
     open_slide,
     tissue_tiles,
 )
+from ml.hu import slice_hu
 from ml.seg import CLASSES
 from ml.seg.infer import segment
 
@@ -100,9 +101,7 @@ def load_ct(services: Services, ctx: StudyContext) -> StudyContext:
                          "at least 2 slices")
     ordered = sort_slices([pydicom.dcmread(p) for p in files])
     ctx.ct = ordered
-    ctx.volume_hu = np.stack([
-        ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1.0))
-        + float(ds.get("RescaleIntercept", 0.0)) for ds in ordered])
+    ctx.volume_hu = np.stack([slice_hu(ds) for ds in ordered])
     ctx.spacing_mm = slice_spacing_mm(ordered)
     return ctx
 

@@ -33,6 +33,7 @@ from app.results import (
 )
 from app.results.algorithm import contributing_equipment
 from app.results.codes import INPUT_CODES, Structure
+from ml.hu import slice_hu
 
 __all__ = ["build_card", "card_lines", "key_slice_index", "render_card", "render_key_image"]
 
@@ -76,8 +77,7 @@ def render_key_image(ordered: Sequence[Dataset], labels: np.ndarray,
                      size_px: int = KEY_PX) -> Image.Image:
     """Slice ``index`` of the sorted series, windowed, with structure contours, square."""
     ds = ordered[index]
-    hu = (ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1))
-          + float(ds.get("RescaleIntercept", 0)))
+    hu = slice_hu(ds)
     level, width = WINDOW_HU
     grey = np.clip((hu - (level - width / 2)) / width * 255.0, 0, 255).astype(np.uint8)
     image = Image.fromarray(grey, mode="L").resize((size_px, size_px), Image.Resampling.BILINEAR)

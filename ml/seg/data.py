@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ml.errors import OncopacsError
+from ml.hu import slice_hu
 from ml.seg import CLASSES
 from ml.synth.cohort import load_manifest
 from ml.synth.phantom import LABELS
@@ -100,12 +101,11 @@ def load_series(folder: Path) -> CtVolume:
     if steps.size and np.ptp(steps) > max(GEOMETRY_TOLERANCE_MM, 0.01 * steps.mean()):
         raise SegError(f"series {uid} has non-uniform slice spacing "
                        f"({steps.min():.3f}-{steps.max():.3f} mm)")
-    hu = np.stack([ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope)
-                   + float(ds.RescaleIntercept) for ds in slices])
+    hu = np.stack([slice_hu(ds) for ds in slices])
     row_mm, col_mm = (float(v) for v in slices[0].PixelSpacing)
     dz = float(steps.mean()) if steps.size else float(slices[0].get("SliceThickness", 1.0))
     x0, y0, z0 = (float(v) for v in slices[0].ImagePositionPatient)
-    return CtVolume(hu.astype(np.float32), (dz, row_mm, col_mm), (z0, y0, x0), uid)
+    return CtVolume(hu, (dz, row_mm, col_mm), (z0, y0, x0), uid)
 
 
 def to_classes(phantom_labels: np.ndarray) -> np.ndarray:
