@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from app.health import Metrics
     from app.jobs import JobStore
     from app.results import Finding, ModelIdentity, SeriesNumbers
-    from app.routing import RoutingDecision
+    from app.routing import RoutingDecision, SeriesSummary
     from app.spool import Spool
     from app.wsi_fetch import SlideRef
     from ml.seg.package import SegPackage
@@ -55,6 +55,7 @@ class StudyContext:
 
     job_id: int
     study_uid: str
+    series: list[SeriesSummary] = field(default_factory=list)
     decision: RoutingDecision | None = None
     patient_id: str = ""
     issuer: str = ""

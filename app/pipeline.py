@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import Dataset
 
 from app.context import JobFailure, Services, StudyContext
 from app.results import result_series_numbers, slice_spacing_mm, sort_slices
@@ -40,16 +41,19 @@ from ml.seg.infer import segment
 log = logging.getLogger(__name__)
 
 
-def study_series(services: Services, study_uid: str) -> list[SeriesSummary]:
-    """One summary per spooled series of a study (headers only)."""
-    summaries = []
+def study_series(services: Services, study_uid: str) -> tuple[list[SeriesSummary], Dataset | None]:
+    """One summary per spooled series of a study, and the first series' header
+    (headers only, one file read per series)."""
+    summaries: list[SeriesSummary] = []
+    first: Dataset | None = None
     for series_uid in services.spool.series(study_uid):
         files = services.spool.instances(study_uid, series_uid)
         if not files:
             continue
         header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        first = first or header
         summaries.append(SeriesSummary.from_dataset(header, len(files)))
-    return summaries
+    return summaries, first
 
 
 def route_job(services: Services, ctx: StudyContext) -> StudyContext | None:
@@ -62,11 +66,10 @@ def route_job(services: Services, ctx: StudyContext) -> StudyContext | None:
         services.jobs.finish(ctx.job_id, "done", f"results already queued before a restart "
                              f"(outbox items {', '.join(str(i.id) for i in queued)})")
         return None
-    series = study_series(services, ctx.study_uid)
-    if not series:
+    series, header = study_series(services, ctx.study_uid)
+    if header is None:
         raise JobFailure(f"study {ctx.study_uid} has no instances in the spool")
-    first = services.spool.instances(ctx.study_uid, series[0].series_uid)[0]
-    header = pydicom.dcmread(first, stop_before_pixels=True)
+    ctx.series = series
     ctx.patient_id = str(header.get("PatientID", ""))
     ctx.issuer = str(header.get("IssuerOfPatientID", ""))
     ctx.clinical = services.clinical.clinical_fields(ctx.patient_id, ctx.issuer,
@@ -173,8 +176,7 @@ def write_seg(services: Services, ctx: StudyContext) -> StudyContext:
     """Build the SEG of the segmentation and write it durably under the results folder."""
     if ctx.labels is None or not ctx.ct:
         raise JobFailure(f"study {ctx.study_uid}: nothing segmented to report")
-    existing = [int(s.series_number) for s in study_series(services, ctx.study_uid)
-                if s.series_number is not None]
+    existing = [int(s.series_number) for s in ctx.series if s.series_number is not None]
     ctx.series_numbers = result_series_numbers(existing, services.settings.results)
     structures = structures_for(ctx.pipeline)
     ctx.seg = build_seg(ctx.ct, ctx.labels, structures, services.seg_model,
