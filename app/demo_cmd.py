@@ -110,13 +110,13 @@ def _describe(pacs: Orthanc, results: dict[str, dict[str, Any]]) -> list[str]:
 
 def report(pacs: Orthanc, svc: Service, manifest: dict[str, Any]) -> str:
     """Per patient: the job's outcome, what came back into Orthanc and where to see it."""
-    status = svc.status()
     out = []
     for patient in manifest["patients"]:
         study_uid = patient["ct"]["study_uid"]
-        job = next((line for line in status.splitlines() if f"study {study_uid}" in line), "")
+        jobs = svc.jobs(study_uid)
+        outcome = " ".join(f"{j.state} {j.pipeline or '-'}" for j in jobs[-1:]) or "no job"
         out.append(f"{patient['patient_id']} ({patient['group']}, centre {patient['centre']})")
-        out.append(f"  oncopacs: {' '.join(job.split()[2:4]) or 'no job'}")
+        out.append(f"  oncopacs: {outcome}")
         results = _results(pacs, study_uid)
         if all(m in results for m in ("SEG", "SR", "OT")):
             out.extend(_describe(pacs, results))
@@ -129,12 +129,11 @@ def report(pacs: Orthanc, svc: Service, manifest: dict[str, Any]) -> str:
 
 
 def _finished(svc: Service, manifest: dict[str, Any], pacs: Orthanc) -> bool:
-    status = svc.status()
     for patient in manifest["patients"]:
         uid = patient["ct"]["study_uid"]
-        line = next((x for x in status.splitlines() if f"study {uid}" in x), "")
-        done_and_stored = " done " in line and "SR" in _results(pacs, uid)
-        if not (done_and_stored or " failed " in line or " unmatched " in line):
+        states = {j.state for j in svc.jobs(uid)}
+        done_and_stored = "done" in states and "SR" in _results(pacs, uid)
+        if not (done_and_stored or states & {"failed", "unmatched", "dead"}):
             return False
     return True
 

@@ -14,6 +14,7 @@ from typing import Any
 import requests
 import yaml
 
+from app.jobs import Job, JobStore
 from app.orthanc import Orthanc
 from app.ports import free_port
 from ml.errors import OncopacsError
@@ -114,6 +115,11 @@ class Service:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.kill()
+
+    def jobs(self, study_uid: str | None = None) -> list[Job]:
+        """The service's jobs (of one study when given), read from its job store."""
+        with JobStore(Path(self.config["storage"]["root"]) / "jobs.sqlite") as store:
+            return [j for j in store.jobs() if study_uid is None or j.study_uid == study_uid]
 
     def status(self) -> str:
         proc = subprocess.run([sys.executable, "-m", "app", "status", "--config",

@@ -20,7 +20,6 @@ from pydicom import examples
 from pydicom.uid import generate_uid
 
 from app.export import Outbox
-from app.jobs import JobStore
 from app.orthanc import Orthanc
 from app.service_process import FORWARD_CT_LUA, SENDER_AET, Service, serve_config
 from ml.synth.cohort import CohortOptions, generate_cohort
@@ -77,10 +76,9 @@ def wait_results(svc: Service, pacs: Orthanc, study_uid: str) -> dict[str, list[
                              RESULT_TIMEOUT_S, f"SEG, SR and card in study {study_uid}"))
 
 
-def job_states(svc: Service, study_uid: str) -> list[tuple[str, str]]:
-    """(state, pipeline) of each job of a study, from ``oncopacs status``."""
-    lines = [line.split() for line in svc.status().splitlines() if f"study {study_uid}" in line]
-    return [(words[2], words[3]) for words in lines]
+def job_states(svc: Service, study_uid: str) -> list[tuple[str, str | None]]:
+    """(state, pipeline) of each job of a study."""
+    return [(j.state, j.pipeline) for j in svc.jobs(study_uid)]
 
 
 def check_objects(pacs: Orthanc, series: list[dict[str, Any]], tmp_path: Path) -> list[Path]:
@@ -161,12 +159,6 @@ def test_bad_input_gets_a_reason_and_the_service_stays_up(
     assert 'oncopacs_jobs{state="unmatched"} 2.0' in metrics
 
 
-def job_rows(svc: Service) -> list[tuple[int, str, str]]:
-    """(job id, study, state) straight from the service's job store."""
-    with JobStore(Path(svc.config["storage"]["root"]) / "jobs.sqlite") as jobs:
-        return [(j.id, j.study_uid, j.state) for j in jobs.jobs()]
-
-
 def test_kill_9_mid_study_then_restart_stores_results_once(
         service: tuple[Service, Orthanc], cohort: tuple[Path, dict[str, Any]]) -> None:
     svc, pacs = service
@@ -174,15 +166,15 @@ def test_kill_9_mid_study_then_restart_stores_results_once(
     crc = manifest["patients"][0]
     study_uid = crc["ct"]["study_uid"]
     send_study(pacs.dicom_port, pacs.aet, root, crc)  # the PACS forwards it to oncopacs
-    svc.wait_for(lambda: any(uid == study_uid and state == "running"
-                             for _, uid, state in job_rows(svc)), 120, "the job running")
+    svc.wait_for(lambda: any(j.state == "running" for j in svc.jobs(study_uid)), 120,
+                 "the job running")
     svc.kill()
     assert not results_in(pacs, study_uid).get("SR")  # killed before it exported
     svc.start()
     found = wait_results(svc, pacs, study_uid)
-    svc.wait_for(lambda: [s for _, uid, s in job_rows(svc) if uid == study_uid] == ["done"],
+    svc.wait_for(lambda: [j.state for j in svc.jobs(study_uid)] == ["done"],
                  60, "the resumed job done")
-    jobs = [job for job, uid, _ in job_rows(svc) if uid == study_uid]
+    jobs = [j.id for j in svc.jobs(study_uid)]
     with Outbox(Path(svc.config["storage"]["root"]) / "outbox.sqlite") as outbox:
         # Orthanc shows the instances a moment before the outbox records the acceptance.
         states = svc.wait_for(
@@ -204,7 +196,7 @@ def test_pacs_down_during_export_then_back_gets_the_results(
     send_study(svc.dicom_port, "ONCOPACS", root, pdac)
     with Outbox(Path(svc.config["storage"]["root"]) / "outbox.sqlite") as outbox:
         svc.wait_for(lambda: any(i.attempts >= 2 and i.state == "pending"
-                                 for i in outbox.for_job(str(job_rows(svc)[-1][0]))),
+                                 for i in outbox.for_job(str(svc.jobs()[-1].id))),
                      180, "two failed export attempts")
     pacs.restart()
     found = wait_results(svc, pacs, study_uid)
