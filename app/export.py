@@ -53,6 +53,7 @@ from app.export_senders import (
     StowSender,
     make_sender,
 )
+from app.spool import fsync_dir
 from ml.errors import OncopacsError
 
 logger = logging.getLogger(__name__)
@@ -143,11 +144,7 @@ def _fsync(files: Iterable[Path]) -> None:
             os.close(fd)
         folders.add(path.parent)
     for folder in folders:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(folder)
 
 
 class Outbox:
