@@ -38,7 +38,7 @@ from wsidicom.errors import (
     WsiDicomUidDuplicateError,
 )
 
-from ml.errors import OncopacsError, PeerError
+from ml.errors import PeerError
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +46,6 @@ U8 = NDArray[np.uint8]
 WSI_ERRORS = (requests.RequestException, WsiDicomError, WsiDicomMatchError,
               WsiDicomNotFoundError, WsiDicomNotSupportedError, WsiDicomUidDuplicateError)
 HE_PATTERN = r"H\s*&\s*E|\bHE\b|ha?ematoxylin"
-
-
-class WsiReadError(OncopacsError):
-    """A slide was opened but cannot be read as asked (no levels, wrong series)."""
 
 
 class WsiArchiveError(PeerError):

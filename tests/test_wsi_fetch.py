@@ -24,13 +24,6 @@ from pydicom import dcmread
 from wsidicom import WsiDicom
 
 from app.orthanc import Orthanc
-from app.tissue_mask import (
-    TissueMask,
-    choose_level,
-    otsu_threshold,
-    tile_coverage,
-    tissue_mask,
-)
 from app.wsi_fetch import (
     SlideRef,
     TileBatch,
@@ -48,6 +41,13 @@ from ml.synth.latent import sample_patient
 from ml.synth.push import cstore_files
 from ml.synth.sizes import size
 from ml.synth.tissue import SlideLayout, plan_slide, region_window
+from ml.tissue_mask import (
+    TissueMask,
+    choose_level,
+    otsu_threshold,
+    tile_coverage,
+    tissue_mask,
+)
 from tests.tools import free_port
 
 SEED = 6021
