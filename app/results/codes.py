@@ -32,6 +32,7 @@ IN-CA199          Serum CA 19-9
 IN-AGE            Age at CT
 IN-SEX            Sex
 IN-SITE           Primary tumour site
+ATTN              Model attention weight (SEG property type of model A's slide map)
 ================  ==============================================================
 
 Code values and meanings never change once released: a new meaning gets a new value.
@@ -46,6 +47,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 __all__ = [
+    "ATTENTION_PROPERTY",
     "FINDING_CODES",
     "INPUT_CODES",
     "PRIVATE_SCHEME",
@@ -207,3 +209,6 @@ INPUT_CODES: dict[str, Code] = {
     "site": _private("IN-SITE", "Primary tumour site"),
 }
 """The model inputs a finding may list as used or missing, by name."""
+
+ATTENTION_PROPERTY = _private("ATTN", "Model attention weight")
+"""Segmented Property Type of model A's tile attention SEG on the slide."""
