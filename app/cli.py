@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from app import demo_cmd, logs, oneshot_cmd, serve_cmd, synth_cmd
 from ml.errors import OncopacsError
+from ml.evaluate import cli as evaluate_cli
 from ml.seg import cli as seg_cli
 
 log = logging.getLogger("oncopacs")
@@ -26,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
     oneshot_cmd.add_parser(subs)
     train = subs.add_parser("train", help="train a model and write its package")
     seg_cli.add_parser(train.add_subparsers(dest="model", required=True))
+    evaluate_cli.register(subs)
     return top
 
 
