@@ -8,9 +8,11 @@ import sys
 from collections.abc import Sequence
 
 from app import demo_cmd, logs, oneshot_cmd, serve_cmd, synth_cmd
+from ml.crc import cli as crc_cli
 from ml.errors import OncopacsError
 from ml.evaluate import cli as evaluate_cli
 from ml.seg import cli as seg_cli
+from ml.tsr import cli as tsr_cli
 
 log = logging.getLogger("oncopacs")
 
@@ -26,7 +28,10 @@ def parser() -> argparse.ArgumentParser:
     serve_cmd.add_parsers(subs)
     oneshot_cmd.add_parser(subs)
     train = subs.add_parser("train", help="train a model and write its package")
-    seg_cli.add_parser(train.add_subparsers(dest="model", required=True))
+    models = train.add_subparsers(dest="model", required=True)
+    seg_cli.add_parser(models)
+    crc_cli.add_parser(models)
+    tsr_cli.add_parser(models)
     evaluate_cli.register(subs)
     return top
 

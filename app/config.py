@@ -25,6 +25,8 @@ from ml.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SEG_PACKAGE = REPO_ROOT / "models" / "seg-synthetic"
+DEFAULT_CRC_PACKAGE = REPO_ROOT / "models" / "crc-liver-metastasis"
+DEFAULT_TSR_PACKAGE = REPO_ROOT / "models" / "pdac-tsr"
 
 
 class Frozen(BaseModel):
@@ -74,6 +76,22 @@ class SegmentationSettings(Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class ClinicalModelSettings(Frozen):
+    """One clinical model package (A or B); ``package: null`` turns the model off."""
+
+    package: Path | None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ModelsSettings(Frozen):
+    """Model A (``crc``), model B (``tsr``) and model A's slide attention map."""
+
+    crc: ClinicalModelSettings = ClinicalModelSettings(package=DEFAULT_CRC_PACKAGE)
+    tsr: ClinicalModelSettings = ClinicalModelSettings(package=DEFAULT_TSR_PACKAGE)
+    attention_map: bool = Field(
+        default=True, description="write model A's tile attention as a SEG on the slide")
+
+
 class HttpSettings(Frozen):
     """The ``/healthz`` and ``/metrics`` endpoint."""
 
@@ -87,6 +105,7 @@ class PipelineSettings(Frozen):
     storage: StorageSettings
     routing: RoutingSettings = RoutingSettings()
     segmentation: SegmentationSettings = SegmentationSettings()
+    models: ModelsSettings = ModelsSettings()
     wsi: WsiArchiveSettings | None = None
     results: ResultsSettings = ResultsSettings()
     export: ExportSettings = ExportSettings()

@@ -18,11 +18,14 @@ if TYPE_CHECKING:
     from app.export import Outbox, Sender
     from app.health import Metrics
     from app.jobs import JobStore
+    from app.model_loading import ClinicalModel
     from app.results import Finding, ModelIdentity, SeriesNumbers
     from app.routing import RoutingDecision, SeriesSummary
     from app.spool import Spool
     from app.wsi_fetch import SlideRef
+    from ml.crc.predict import CrcPredictor, SlideTiles
     from ml.seg.package import SegPackage
+    from ml.tsr.predict import TsrPredictor
 
 
 class JobFailure(OncopacsError):
@@ -42,11 +45,32 @@ class Services:
     seg_package: SegPackage
     seg_model: ModelIdentity
     senders: dict[str, Sender]
+    crc_model: ClinicalModel[CrcPredictor] | None = None
+    tsr_model: ClinicalModel[TsrPredictor] | None = None
 
     @property
     def results_dir(self) -> Path:
         """Where result objects wait until every destination accepted them."""
         return self.settings.storage.results
+
+
+@dataclass(frozen=True)
+class PhaseVolume:
+    """One CT phase as HU ``(z, y, x)``, its spacing in mm and its class labels."""
+
+    volume_hu: np.ndarray
+    spacing_mm: tuple[float, float, float]
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class AttentionMap:
+    """Model A's attention over the slide's tiles, for the SEG on the slide."""
+
+    locations_px: np.ndarray
+    tile_px: int
+    weights: np.ndarray
+    model: ModelIdentity
 
 
 @dataclass
@@ -66,6 +90,9 @@ class StudyContext:
     clinical: ClinicalFields | None = None
     slide: SlideRef | None = None
     slide_tissue_tiles: int = 0
+    slide_tiles: SlideTiles | None = None
+    slide_base: Dataset | None = None
+    attention: AttentionMap | None = None
     findings: list[Finding] = field(default_factory=list)
     seg: Dataset | None = None
     series_numbers: SeriesNumbers | None = None

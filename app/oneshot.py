@@ -20,6 +20,7 @@ keeps every job's state and reason.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import sys
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ConfigDict
 
 from app.config import (
     PATH_KEYS,
+    ModelsSettings,
     PipelineSettings,
     SegmentationSettings,
     StorageSettings,
@@ -50,6 +52,7 @@ from app.routing import RoutingSettings
 from app.serve import CHAIN, open_services
 from app.wsi_archive import WsiArchiveSettings
 from ml.errors import OncopacsError
+from ml.package import TASKS
 from ml.seg.package import METADATA
 from operators.base import IN, OUT
 from operators.folder_sink import FolderSinkOperator
@@ -78,6 +81,7 @@ class OneShotSettings(BaseModel):
 
     routing: RoutingSettings = RoutingSettings()
     segmentation: SegmentationSettings = SegmentationSettings()
+    models: ModelsSettings = ModelsSettings()
     wsi: WsiArchiveSettings | None = None
     results: ResultsSettings = ResultsSettings()
 
@@ -132,8 +136,46 @@ def resolve_paths(*, input: Path | None = None, output: Path | None = None,
         config=config_path)
 
 
+def _task(folder: Path) -> str | None:
+    """The task of a clinical model package (one of ``ml.package.TASKS``); ``""`` for a
+    segmentation package (MONAI bundle metadata); None when ``folder`` holds no package."""
+    try:
+        meta = json.loads((folder / METADATA).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    task = meta.get("task")
+    return task if task in TASKS else ""
+
+
 def _is_package(folder: Path) -> bool:
-    return (folder / METADATA).is_file()
+    return _task(folder) == ""
+
+
+def find_model_package(models: Path | None, task: str, configured: Path | None,
+                       ) -> Path | None:
+    """The package of clinical model ``task`` (``crc-liver-metastasis``, ``pdac-tsr``):
+    ``models/<configured name>`` or the only package of that task below ``models``;
+    else the configured package. None when the model is configured off.
+
+    Raises
+    ------
+    OneShotError
+        If ``models`` holds several packages of the task and none has the configured name.
+    """
+    if configured is None:
+        return None
+    if models is None or not models.is_dir():
+        return configured
+    if _task(models / configured.name) == task:
+        return models / configured.name
+    found = sorted(p for p in models.iterdir() if p.is_dir() and _task(p) == task)
+    if len(found) > 1:
+        raise OneShotError(f"model folder {models} holds {len(found)} {task} packages "
+                           f"({', '.join(p.name for p in found)}) and none named "
+                           f"{configured.name!r}; set models.*.package in the configuration")
+    return found[0] if found else configured
 
 
 def find_seg_package(models: Path | None, configured: Path) -> Path:
@@ -164,13 +206,24 @@ def find_seg_package(models: Path | None, configured: Path) -> Path:
 
 
 def open_oneshot_services(settings: OneShotSettings, state_root: Path,
-                          package: Path) -> Services:
+                          package: Path, models: ModelsSettings | None = None) -> Services:
     """Serve's services over a fresh state folder, without listeners or destinations
     (no sender exists, so nothing is ever queued in the outbox)."""
     segmentation = settings.segmentation.model_copy(update={"package": package})
     return open_services(PipelineSettings(
         storage=StorageSettings(root=state_root), routing=settings.routing,
-        segmentation=segmentation, wsi=settings.wsi, results=settings.results))
+        segmentation=segmentation, models=models or settings.models, wsi=settings.wsi,
+        results=settings.results))
+
+
+def oneshot_models(settings: OneShotSettings, models: Path | None) -> ModelsSettings:
+    """The configured models with their packages looked up in the MAP model folder."""
+    m = settings.models
+    crc = m.crc.model_copy(update={"package": find_model_package(
+        models, "crc-liver-metastasis", m.crc.package)})
+    tsr = m.tsr.model_copy(update={"package": find_model_package(
+        models, "pdac-tsr", m.tsr.package)})
+    return m.model_copy(update={"crc": crc, "tsr": tsr})
 
 
 class OneShotApp(Application):  # type: ignore[misc]
@@ -235,7 +288,8 @@ def run_oneshot(paths: OneShotPaths, settings: OneShotSettings | None = None,
     if paths.workdir is not None:
         paths.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="oncopacs-oneshot-", dir=paths.workdir) as state:
-        services = open_oneshot_services(settings, Path(state), package)
+        services = open_oneshot_services(settings, Path(state), package,
+                                         oneshot_models(settings, paths.models))
         try:
             log.info("one-shot: input %s, output %s, segmentation package %s",
                      paths.input, paths.output, package)

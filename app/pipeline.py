@@ -129,9 +129,15 @@ def fetch_slide(services: Services, ctx: StudyContext) -> StudyContext:
             return ctx
         with tempfile.TemporaryDirectory(prefix="oncopacs-wsi-") as folder, \
                 open_slide(settings, ref, Path(folder)) as slide:
-            # Streams the tissue tiles batch by batch (never the whole slide); model A
-            # consumes these batches once it joins the graph, until then they are counted.
-            ctx.slide_tissue_tiles = sum(len(b.pixels) for b in tissue_tiles(slide, settings))
+            # Streams the tissue tiles batch by batch (never the whole slide): model A
+            # encodes each batch and keeps only the embeddings, read as it was trained.
+            model = services.crc_model.predictor if services.crc_model else None
+            if model is None:
+                ctx.slide_tissue_tiles = sum(len(b.pixels) for b in tissue_tiles(slide, settings))
+            else:
+                ctx.slide_tiles = model.encode_tiles(tissue_tiles(slide, model.tile_spec))
+                ctx.slide_tissue_tiles = ctx.slide_tiles.count
+                ctx.slide_base = slide.levels.base_level.default_instance.dataset.as_dataset()
             ctx.slide = ref
     except (WsiArchiveError, WsiReadError) as exc:
         # Model A works without the slide; the SR lists it as a missing input.
@@ -161,7 +167,7 @@ def structures_for(pipeline: str) -> dict[int, Structure]:
     return {i: STRUCTURES[names[c]] for i, c in enumerate(CLASSES) if c in names}
 
 
-def _save(services: Services, ctx: StudyContext, name: str, ds: pydicom.Dataset) -> None:
+def save_result(services: Services, ctx: StudyContext, name: str, ds: pydicom.Dataset) -> None:
     folder = services.results_dir / f"job-{ctx.job_id}"
     make_dirs_durably(folder)
     path = folder / f"{name}.dcm"
@@ -182,7 +188,7 @@ def write_seg(services: Services, ctx: StudyContext) -> StudyContext:
     ctx.seg = build_seg(ctx.ct, ctx.labels, structures, services.seg_model,
                         ctx.series_numbers.seg, settings=services.settings.results)
     ctx.volumes_ml = structure_volumes_ml(ctx.labels, ctx.spacing_mm, structures)
-    _save(services, ctx, "seg", ctx.seg)
+    save_result(services, ctx, "seg", ctx.seg)
     return ctx
 
 
@@ -192,7 +198,7 @@ def write_sr(services: Services, ctx: StudyContext) -> StudyContext:
         raise JobFailure(f"study {ctx.study_uid}: the SR needs the SEG first")
     sr = build_sr(ctx.ct, ctx.seg, ctx.volumes_ml, ctx.findings, observer=services.seg_model,
                   series_number=ctx.series_numbers.sr, settings=services.settings.results)
-    _save(services, ctx, "sr", sr)
+    save_result(services, ctx, "sr", sr)
     return ctx
 
 
@@ -204,7 +210,7 @@ def write_card(services: Services, ctx: StudyContext) -> StudyContext:
                       ctx.findings, seg_model=services.seg_model,
                       series_number=ctx.series_numbers.card,
                       settings=services.settings.results)
-    _save(services, ctx, "card", card)
+    save_result(services, ctx, "card", card)
     return ctx
 
 

@@ -34,11 +34,14 @@ from app.export_senders import DestinationSettings
 from app.health import HealthServer, Metrics
 from app.hl7_listener import Hl7Listener
 from app.jobs import JobStore
+from app.model_loading import load_crc_model, load_tsr_model
 from app.results import ModelIdentity
 from app.spool import Spool, make_dirs_durably
 from ml.seg.package import load_package
+from operators.attention_writer import AttentionWriterOperator
 from operators.base import IN, OUT, JobOperator
 from operators.clinical_fields import ClinicalFieldsOperator
+from operators.crc_model import CrcModelOperator
 from operators.export_pump import ExportPumpOperator
 from operators.job_source import JobSourceOperator
 from operators.pacs_export import PacsExportOperator
@@ -48,20 +51,21 @@ from operators.seg_writer import SegWriterOperator
 from operators.segmentation import SegmentationOperator
 from operators.series_volume import SeriesVolumeOperator
 from operators.sr_writer import SrWriterOperator
+from operators.tsr_model import TsrModelOperator
 from operators.wsi_fetch import WsiFetchOperator
 
 log = logging.getLogger(__name__)
 
 CHAIN: tuple[type[JobOperator], ...] = (
     RouterOperator, SeriesVolumeOperator, SegmentationOperator, WsiFetchOperator,
-    ClinicalFieldsOperator, SegWriterOperator, SrWriterOperator, ResultCardOperator,
-    PacsExportOperator)
+    ClinicalFieldsOperator, CrcModelOperator, TsrModelOperator, SegWriterOperator,
+    SrWriterOperator, ResultCardOperator, AttentionWriterOperator, PacsExportOperator)
 EXPORT_PERIOD = dt.timedelta(seconds=1)
 
 
 def open_services(settings: PipelineSettings,
                   destinations: Sequence[DestinationSettings] = ()) -> Services:
-    """Open the stores and load the segmentation package (no network yet)."""
+    """Open the stores and load the model packages (no network yet)."""
     storage = settings.storage
     make_dirs_durably(storage.root)
     make_dirs_durably(storage.results)
@@ -73,7 +77,9 @@ def open_services(settings: PipelineSettings,
         outbox=Outbox(storage.outbox_db, settings.export), metrics=Metrics(),
         seg_package=package,
         seg_model=ModelIdentity(package.name, package.version, package.sha256, demo=demo),
-        senders={d.name: make_sender(d) for d in destinations})
+        senders={d.name: make_sender(d) for d in destinations},
+        crc_model=load_crc_model(settings.models.crc),
+        tsr_model=load_tsr_model(settings.models.tsr))
 
 
 class ServeApp(Application):  # type: ignore[misc]

@@ -155,6 +155,10 @@ def serving_config(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     data["storage"]["root"] = str(tmp_path / "state")
     package = Path(data["segmentation"]["package"])
     data["segmentation"]["package"] = str(ROOT / "models" / package.relative_to(IMAGE_MODELS))
+    for model in ("crc", "tsr"):
+        package = Path(data["models"][model]["package"])
+        data["models"][model]["package"] = str(ROOT / "models" /
+                                               package.relative_to(IMAGE_MODELS))
     path = tmp_path / "oncopacs.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path, data

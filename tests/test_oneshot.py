@@ -26,7 +26,12 @@ from holoscan_cli.packager.parameters import PackageBuildParameters
 from holoscan_cli.runner.resources import get_shared_memory_size
 
 from app.config import REPO_ROOT
-from app.oneshot import OneShotError, find_seg_package, load_oneshot_config
+from app.oneshot import (
+    OneShotError,
+    find_model_package,
+    find_seg_package,
+    load_oneshot_config,
+)
 from app.oneshot_cmd import is_oneshot_argv
 from ml.errors import ConfigError
 from ml.synth.cohort import CohortOptions, generate_cohort
@@ -204,7 +209,8 @@ def test_app_yaml_is_read_by_the_packager(tmp_path: Path) -> None:
     assert app_json["command"] == '["python3", "/opt/holoscan/app"]'
     assert app_json["input"]["formats"] == ["file"] and app_json["output"]["formats"] == ["file"]
     assert app_json["environment"]["HOLOSCAN_CONFIG_PATH"] == "/var/holoscan/app.yaml"
-    assert pkg_json["models"] == {"seg-synthetic": "/opt/holoscan/models/seg-synthetic"}
+    assert pkg_json["models"] == {name: f"/opt/holoscan/models/{name}" for name in
+                                  ("seg-synthetic", "crc-liver-metastasis", "pdac-tsr")}
     assert pkg_json["resources"]["gpu"] == 1
     assert get_shared_memory_size(pkg_json, False, False, "", "config") == 1024 ** 3
     # Inside the package the same file is the app's configuration, and the model
@@ -212,6 +218,10 @@ def test_app_yaml_is_read_by_the_packager(tmp_path: Path) -> None:
     assert load_oneshot_config(APP_YAML).wsi is None
     models = REPO_ROOT / "models"
     assert find_seg_package(models, Path("x/seg-synthetic")) == models / "seg-synthetic"
+    for task, name in (("crc-liver-metastasis", "crc-liver-metastasis"), ("pdac-tsr", "pdac-tsr")):
+        assert find_model_package(models, task, Path(f"x/{name}")) == models / name
+        assert find_model_package(models, task, Path("x/other-name")) == models / name
+    assert find_model_package(models, "pdac-tsr", None) is None
 
 
 def test_map_requirements_match_pyproject(tmp_path: Path) -> None:

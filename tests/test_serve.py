@@ -114,6 +114,11 @@ def test_study_round_trip_writes_seg_sr_and_card(
         dump = subprocess.run([dcmtk("dsrdump"), str(sr_path)],
                                             capture_output=True, text=True, check=True).stdout
         assert "Imaging Measurement Report" in dump and "Volume" in dump
+        # The model's finding: probability, class, and the inputs it used.
+        finding = {"A": "Probability of metachronous liver metastasis within 3 years",
+                   "B": "Probability of high tumour-stroma ratio"}[pipeline]
+        assert finding in dump, dump
+        assert ("Whole Slide Imaging" in dump) == (pipeline == "A")
         sr = pydicom.dcmread(sr_path)
         assert sr.StudyInstanceUID == study_uid and sr.PatientID == patient["patient_id"]
         answers = tmp_path / f"find-{pipeline}"
@@ -126,6 +131,12 @@ def test_study_round_trip_writes_seg_sr_and_card(
         assert modalities == ["CT", "CT", "OT", "SEG", "SR"]
         svc.wait_for(lambda uid=study_uid, pipe=pipeline: job_states(svc, uid) == [("done", pipe)],
                      30, f"the job of study {study_uid} done in pipeline {pipeline}")
+    # Model A's tile attention joins the slide's pathology study as a SEG that validates.
+    slide_study = crc["wsi"]["study_uid"]
+    attention = svc.wait_for(lambda: results_in(pacs, slide_study).get("SEG"), RESULT_TIMEOUT_S,
+                             f"the attention SEG in slide study {slide_study}")
+    assert len(attention) == 1
+    check_objects(pacs, attention, tmp_path)
 
 
 def test_bad_input_gets_a_reason_and_the_service_stays_up(
