@@ -1,6 +1,7 @@
 """Model A training, packaging, inference and scoring on a tiny synthetic cohort.
 
-One tiny cohort (48 patients: 24 CRC over 3 centres) is made per module. The test
+One tiny cohort (120 patients: 60 CRC over 3 centres, 20 of them in the held-out
+centre) is made per module; fewer leave the held-out centre too small to rank. The test
 config reads every tissue tile of a slide (16 um/px, 16 px tiles, no sampling), so
 the cached training examples and the inference path see the same tiles and must
 give the same outputs.
@@ -43,7 +44,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("crc-cohort")
-    generate_cohort(CohortOptions(out=out, patients=48, seed=21, centres=3, size="tiny"))
+    generate_cohort(CohortOptions(out=out, patients=120, seed=21, centres=3, size="tiny"))
     return out / "manifest.json"
 
 

@@ -127,7 +127,7 @@ def _epoch(net: CrcNet, opt: torch.optim.Optimizer, sched: torch.optim.lr_schedu
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return float(np.mean(losses))
 
 
