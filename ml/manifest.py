@@ -176,3 +176,32 @@ def split_by_centre(patients: list[Patient], test_centre: str, val_fraction: flo
                           f"{len(val)} validation and {len(test)} test patients; "
                           "none may be empty")
     return Split(train=train, val=val, test=test, test_centre=test_centre)
+
+
+def check_held_out(training_data: dict[str, Any], manifest: Manifest, centre: str,
+                   package: Path) -> None:
+    """Refuse to score a package on patients it was trained on.
+
+    A centre that was a training centre of the package may be scored only on a
+    different cohort: one whose manifest seed differs from the ``cohort_seed`` the
+    package recorded. Without a seed on either side the cohorts cannot be told apart,
+    so training centres are refused.
+
+    Raises
+    ------
+    ConfigError
+        If ``centre`` was a training centre of the package and the manifest may be its
+        training cohort.
+    """
+    split = training_data.get("split", {})
+    trained = set(split.get("train", {}).get("per_centre", {}))
+    trained |= set(split.get("val", {}).get("per_centre", {}))
+    if centre not in trained:
+        return
+    seed = training_data.get("cohort_seed")
+    if seed is not None and manifest.seed is not None and int(seed) != manifest.seed:
+        return
+    raise ConfigError(f"centre {centre} was a training centre of package {package} and "
+                      f"{manifest.path} may be its training cohort (package cohort seed "
+                      f"{seed}, manifest seed {manifest.seed}); score its held-out centre "
+                      f"{split.get('test_centre', '?')} or another cohort")

@@ -29,6 +29,7 @@ from ml.crc.evaluate import score_crc
 from ml.crc.metrics import predict_examples
 from ml.crc.predict import CrcPredictor
 from ml.crc.train import LOG_FILE, TrainSettings, fit, train
+from ml.errors import ConfigError
 from ml.manifest import load_manifest, split_by_centre
 from ml.package import read_package, write_package
 from ml.seg.data import load_labels, load_series
@@ -79,6 +80,7 @@ def test_training_writes_a_synthetic_package_and_reduces_the_loss(
     meta = package.metadata
     assert meta["training_data"]["synthetic"] is True
     assert meta["training_data"]["split"]["test_centre"] == "C3"
+    assert meta["training_data"]["cohort_seed"] == 21
     assert set(meta["training_data"]["split"]["train"]["per_centre"]) == {"C1", "C2"}
     assert 0.0 < package.threshold < 1.0
     assert "auc_3y" in meta["metrics"]["validation"]
@@ -88,6 +90,8 @@ def test_training_writes_a_synthetic_package_and_reduces_the_loss(
     assert "epoch 1" in log
     ids = [p.patient_id for p in load_manifest(cohort).patients]
     assert not any(pid in log for pid in ids)  # no patient identifiers in the log
+    with pytest.raises(ConfigError, match="centre C1 was a training centre"):
+        score_crc(out, cohort, test_centre="C1")
 
 
 def test_inference_path_matches_the_training_path(trained: tuple[Path, dict[str, object]],

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ml.errors import ConfigError
-from ml.manifest import load_manifest, split_by_centre
+from ml.manifest import check_held_out, load_manifest, split_by_centre
 from ml.package import PackageError, read_metadata, read_package, write_package
 from ml.synth.cohort import CohortOptions, generate_cohort
 from ml.wsi_tiles import Tiles, WsiReadError, read_tissue_tiles
@@ -40,6 +40,20 @@ def test_split_holds_out_one_centre_and_is_seeded(cohort: Path) -> None:
     with pytest.raises(ConfigError, match="C9"):
         split_by_centre(manifest.patients, "C9")
 
+
+
+def test_a_training_centre_is_scored_only_on_another_cohort(cohort: Path) -> None:
+    manifest = load_manifest(cohort)
+    split = split_by_centre(manifest.patients, "C2", val_fraction=0.25, seed=3).describe()
+    same = {"cohort_seed": 515, "split": split}
+    check_held_out(same, manifest, "C2", Path("pkg"))  # the held-out centre
+    with pytest.raises(ConfigError, match="centre C1 was a training centre of package pkg"):
+        check_held_out(same, manifest, "C1", Path("pkg"))
+    with pytest.raises(ConfigError, match="C3"):
+        check_held_out(same, manifest, "C3", Path("pkg"))  # its validation share too
+    check_held_out({"cohort_seed": 2026, "split": split}, manifest, "C1", Path("pkg"))
+    with pytest.raises(ConfigError, match="seed None"):  # no seed: cannot tell the cohorts
+        check_held_out({"split": split}, manifest, "C1", Path("pkg"))
 
 def test_patients_point_at_their_files(cohort: Path) -> None:
     manifest = load_manifest(cohort.parent)

@@ -147,7 +147,7 @@ def test_score_tsr_matches_predictions(trained: TrainResult, cohort: Path) -> No
     for name in COMPARATORS:
         assert roc_auc_score(scored.y, scored.comparators[name]) == pytest.approx(
             held[name], abs=1e-4)
-    with pytest.raises(TsrError, match="training centre"):
+    with pytest.raises(ConfigError, match="training centre"):
         score_tsr(trained.out, cohort, test_centre="C1", cache=trained.out.parent / "cache")
 
 

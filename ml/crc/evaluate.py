@@ -21,7 +21,7 @@ from ml.crc.clinical import SITES, CrcClinical
 from ml.crc.config import CrcError
 from ml.crc.predict import CrcPredictor
 from ml.evaluate.scored import Scored
-from ml.manifest import Patient, load_manifest
+from ml.manifest import Patient, check_held_out, load_manifest
 from ml.package import read_metadata
 from ml.seg.data import load_labels, load_series
 from ml.train_common import progress, seed_everything, torch_threads
@@ -96,7 +96,8 @@ def score_crc(package: Path, manifest: Path, *, test_centre: str | None = None,
     CrcError
         If the centre has no CRC patients or a patient lacks a field.
     ml.errors.OncopacsError
-        If the package, manifest or images cannot be read.
+        If the package, manifest or images cannot be read, or the centre was a
+        training centre of the package in its training cohort.
     """
     metadata = read_metadata(package)
     split_info = metadata.get("training_data", {}).get("split", {})
@@ -104,6 +105,7 @@ def score_crc(package: Path, manifest: Path, *, test_centre: str | None = None,
     if not centre:
         raise CrcError(f"package {package} names no held-out centre; pass test_centre")
     cohort = load_manifest(manifest)
+    check_held_out(metadata.get("training_data", {}), cohort, centre, package)
     crc = cohort.group("CRC")
     test = sorted((p for p in crc if p.centre == centre), key=lambda p: p.index)
     train = [p for p in crc if p.centre != centre]

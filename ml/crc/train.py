@@ -33,7 +33,7 @@ from ml.crc.loss import LossWeights, total_loss
 from ml.crc.metrics import example_metrics, predict_examples
 from ml.crc.network import CrcNet, CrcOutput
 from ml.errors import ConfigError
-from ml.manifest import Split, load_manifest, split_by_centre
+from ml.manifest import Manifest, Split, load_manifest, split_by_centre
 from ml.package import write_package
 from ml.stats.threshold import threshold_from_training
 from ml.train_common import log_to, pick_device, progress, seed_everything, torch_threads
@@ -178,12 +178,12 @@ def fit(train: list[CrcExample], val: list[CrcExample], s: TrainSettings,
     return net, history
 
 
-def _split(manifest_path: Path, s: TrainSettings) -> tuple[Split, Path]:
+def _split(manifest_path: Path, s: TrainSettings) -> tuple[Split, Manifest]:
     manifest = load_manifest(manifest_path)
     crc = manifest.group("CRC")
     if not crc:
         raise CrcError(f"cohort {manifest_path} has no CRC patients")
-    return split_by_centre(crc, s.test_centre, s.val_fraction, s.seed), manifest.path
+    return split_by_centre(crc, s.test_centre, s.val_fraction, s.seed), manifest
 
 
 def train(manifest_path: Path, out: Path, settings: TrainSettings | None = None) -> TrainResult:
@@ -198,7 +198,8 @@ def train(manifest_path: Path, out: Path, settings: TrainSettings | None = None)
     begin = time.monotonic()
     device = pick_device(s.device)
     with log_to(out / LOG_FILE), torch_threads(s.threads):
-        split, manifest_file = _split(manifest_path, s)
+        split, cohort = _split(manifest_path, s)
+        manifest_file = cohort.path
         log.info("model A training: seed %d, test centre %s (not read), device %s, "
                  "settings %s", s.seed, split.test_centre, device,
                  {k: v for k, v in vars(s).items() if k != "config"})
@@ -215,6 +216,8 @@ def train(manifest_path: Path, out: Path, settings: TrainSettings | None = None)
                                                                           device), threshold),
                    "training": example_metrics(train_ex, train_pred, threshold)}
         training_data = {"synthetic": True, "manifest": manifest_file.name,
+                         "cohort": manifest_file.parent.name, "cohort_seed": cohort.seed,
+                         "size": cohort.size,
                          "split": split.describe(), "patients_used": len(train_ex),
                          "validation_patients": len(val_ex), "seed": s.seed,
                          "label": "3-year liver metastasis where follow-up tells it; "
