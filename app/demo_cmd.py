@@ -71,8 +71,19 @@ def _results(pacs: Orthanc, study_uid: str) -> dict[str, dict[str, Any]]:
             for s in pacs.find_series(StudyInstanceUID=study_uid)}
 
 
-def sr_measurements(ds: pydicom.Dataset) -> list[str]:
-    """``"<tracking id>: <concept> <value> <unit>"`` for every NUM in an SR's groups."""
+# Finding (DCM 121071) and Finding category (SCT 276214006) name what a group is about;
+# every other coded CONTAINS item of a group is a qualitative evaluation.
+_NOT_EVALUATIONS = {"121071", "276214006"}
+
+
+def sr_findings(ds: pydicom.Dataset) -> list[str]:
+    """``"<tracking id>: <concept> <value>"`` for every NUM and qualitative evaluation.
+
+    Probabilities (UCUM ``{probability}``) print with three decimals, other
+    measurements with one and their unit; qualitative evaluations print their coded
+    meaning (risk group, TSR class, model inputs used and missing), repeated
+    evaluations of one concept on one line.
+    """
     found = []
 
     def walk(items: Any, tracking: str) -> None:
@@ -83,12 +94,35 @@ def sr_measurements(ds: pydicom.Dataset) -> list[str]:
             elif item.ValueType == "NUM":
                 value = item.MeasuredValueSequence[0]
                 unit = value.MeasurementUnitsCodeSequence[0].CodeValue
-                found.append(f"{tracking}: {name} {float(value.NumericValue):.1f} {unit}")
+                number = float(value.NumericValue)
+                text = f"{number:.3f}" if unit == "{probability}" else f"{number:.1f} {unit}"
+                found.append(f"{tracking}: {name} {text}")
+            elif (item.ValueType == "CODE" and item.RelationshipType == "CONTAINS"
+                  and item.ConceptNameCodeSequence[0].CodeValue not in _NOT_EVALUATIONS):
+                meaning = item.ConceptCodeSequence[0].CodeMeaning
+                head = f"{tracking}: {name}: "
+                if found and found[-1].startswith(head):  # inputs used: one line
+                    found[-1] += f", {meaning}"
+                else:
+                    found.append(head + meaning)
             if "ContentSequence" in item:
                 walk(item.ContentSequence, tracking)
 
     walk(ds.get("ContentSequence", []), "")
     return found
+
+
+def _slide_results(pacs: Orthanc, patient: dict[str, Any]) -> list[str]:
+    """Model A's attention SEG in the patient's pathology study, if one was stored."""
+    wsi = patient.get("wsi") or {}
+    if not wsi.get("study_uid"):
+        return []
+    seg = _results(pacs, wsi["study_uid"]).get("SEG")
+    if seg is None:
+        return ["    no attention map in the slide study"]
+    number = seg["MainDicomTags"].get("SeriesNumber", "?")
+    return [f"    slide attention map (SEG series {number} in the pathology study "
+            f"{wsi['study_uid']})"]
 
 
 def _describe(pacs: Orthanc, results: dict[str, dict[str, Any]]) -> list[str]:
@@ -104,7 +138,7 @@ def _describe(pacs: Orthanc, results: dict[str, dict[str, Any]]) -> list[str]:
             line += ": " + ", ".join(s.SegmentLabel for s in ds.SegmentSequence)
         lines.append(line)
         if modality == "SR":
-            lines.extend(f"      {m}" for m in sr_measurements(ds))
+            lines.extend(f"      {m}" for m in sr_findings(ds))
     return lines
 
 
@@ -120,6 +154,7 @@ def report(pacs: Orthanc, svc: Service, manifest: dict[str, Any]) -> str:
         results = _results(pacs, study_uid)
         if all(m in results for m in ("SEG", "SR", "OT")):
             out.extend(_describe(pacs, results))
+            out.extend(_slide_results(pacs, patient))
         else:
             out.append("    no results in Orthanc (see `oncopacs status` for the reason)")
         study = pacs.find_studies(StudyInstanceUID=study_uid)

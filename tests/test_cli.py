@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,10 @@ def test_demo_round_trip_prints_every_patients_results(tmp_path: Path) -> None:
     assert "colorectal_tumour: Volume" in out and "pancreatic_tumour: Volume" in out, out
     assert out.count("view: http://127.0.0.1:") == 2
     assert "no results in Orthanc" not in out
+    # the models' findings: probability, risk group / TSR class, inputs, attention map
+    assert re.search(r"crc_liver_metastasis_risk: Probability [^\n]* 0\.\d{3}\n", out), out
+    assert re.search(r"pdac_tsr: Probability [^\n]* 0\.\d{3}\n", out), out
+    assert "crc_liver_metastasis_risk: Liver metastasis risk group: " in out, out
+    assert "pdac_tsr: Tumour-stroma ratio class: " in out, out
+    assert "pdac_tsr: Model input used: Arterial phase CT" in out, out
+    assert out.count("slide attention map (SEG series") == 1, out
