@@ -40,6 +40,7 @@ CONFIG = CrcConfig(tiles=TileReading(mpp=16.0, tile_px=16, max_tiles=1024),
                    network=NetworkSizes(d_model=16, ct_channels=6, tumour_channels=4,
                                         tile_dim=16, attention_dim=8, clinical_hidden=16))
 CPU = torch.device("cpu")
+SEG_PACKAGE = Path(__file__).resolve().parents[1] / "models" / "seg-synthetic"
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +180,8 @@ def test_cli_trains_and_scorer_returns_a_scored_test_set(cohort: Path, settings:
     assert scored.n == len([p for p in load_manifest(cohort).group("CRC") if p.centre == "C3"])
     assert set(scored.comparators) == {"TNM stage only", "CEA only", "clinical only"}
     assert scored.has_survival and scored.tested == ["TNM stage only", "CEA only"]
+    segmented = score_crc(tmp_path / "pkg", cohort, device="cpu", threads=1,
+                          segmentation=SEG_PACKAGE)
+    assert segmented.patient_ids == scored.patient_ids
+    assert segmented.notes[0].startswith("Crops placed on the output of segmentation package")
+    assert not np.allclose(segmented.prob, scored.prob)  # the crops moved

@@ -306,6 +306,9 @@ def test_cli_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="bootstrap"):
         cli.run(_parse(["--model", str(tsr), "--manifest", str(manifest), "--out", out,
                         "--bootstrap", "1"]))
+    with pytest.raises(ConfigError, match=r"segmentation package folder .*nope-seg"):
+        cli.run(_parse(["--model", str(tsr), "--manifest", str(manifest), "--out", out,
+                        "--segmentation", str(tmp_path / "nope-seg")]))
 
 
 def test_cli_scorer_import_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -336,7 +339,8 @@ def test_cli_end_to_end_with_a_scorer(tmp_path: Path, monkeypatch: pytest.Monkey
                    str(tmp_path / "out"), "--test-centre", "C3", "--threads", "1"])
     assert args.run(args) == 0
     assert calls[0] == {"package": good, "manifest": cohort / "manifest.json",
-                        "test_centre": "C3", "device": "cpu", "threads": 1}
+                        "test_centre": "C3", "device": "cpu", "threads": 1,
+                        "segmentation": None}
     printed = json.loads(capsys.readouterr().out)
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert printed["auc"]["auc"] == written["auc"]["model"]["auc"]

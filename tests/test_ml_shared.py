@@ -13,8 +13,13 @@ import torch
 from ml.errors import ConfigError
 from ml.manifest import check_held_out, load_manifest, split_by_centre
 from ml.package import PackageError, read_metadata, read_package, write_package
+from ml.seg import CLASSES
+from ml.seg.data import load_labels, load_series
+from ml.seg.source import label_source
 from ml.synth.cohort import CohortOptions, generate_cohort
 from ml.wsi_tiles import Tiles, WsiReadError, read_tissue_tiles
+
+SEG_PACKAGE = Path(__file__).resolve().parents[1] / "models" / "seg-synthetic"
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +59,20 @@ def test_a_training_centre_is_scored_only_on_another_cohort(cohort: Path) -> Non
     check_held_out({"cohort_seed": 2026, "split": split}, manifest, "C1", Path("pkg"))
     with pytest.raises(ConfigError, match="seed None"):  # no seed: cannot tell the cohorts
         check_held_out({"split": split}, manifest, "C1", Path("pkg"))
+
+
+def test_label_sources_ground_truth_and_segmentation(cohort: Path) -> None:
+    patient = load_manifest(cohort).group("CRC")[0]
+    ct = load_series(patient.ct_folder("venous"))
+    truth = label_source(None, torch.device("cpu"))
+    assert not truth.segmented and "ground-truth" in truth.note
+    assert np.array_equal(truth.labels(patient, ct), load_labels(patient.labels_path(), ct))
+    seg = label_source(SEG_PACKAGE, torch.device("cpu"))
+    assert seg.segmented and "seg-synthetic" in seg.note
+    labels = seg.labels(patient, ct)
+    assert labels.shape == ct.hu.shape and labels.max() < len(CLASSES)
+    liver = CLASSES.index("liver")
+    assert (labels == liver).sum() > 0.5 * (truth.labels(patient, ct) == liver).sum()
 
 def test_patients_point_at_their_files(cohort: Path) -> None:
     manifest = load_manifest(cohort.parent)

@@ -25,6 +25,8 @@ from ml.tsr.pretrain import PretrainSettings
 from ml.tsr.train import LOG_FILE, TrainResult, TrainSettings, train
 from tests.test_tsr_model import SMALL
 
+SEG_PACKAGE = Path(__file__).resolve().parents[1] / "models" / "seg-synthetic"
+
 
 def _settings(cache: Path, seed: int = 0) -> TrainSettings:
     return TrainSettings(seed=seed, test_centre="C3", val_fraction=0.3, cache=cache,
@@ -149,6 +151,22 @@ def test_score_tsr_matches_predictions(trained: TrainResult, cohort: Path) -> No
             held[name], abs=1e-4)
     with pytest.raises(ConfigError, match="training centre"):
         score_tsr(trained.out, cohort, test_centre="C1", cache=trained.out.parent / "cache")
+
+
+def test_score_tsr_through_the_segmentation(trained: TrainResult, cohort: Path) -> None:
+    """With a segmentation package the test crops come from its output, uncached."""
+    from ml.tsr.evaluate import score_tsr
+
+    cache = trained.out.parent / "cache"
+    before = sorted(cache.rglob("*.npz"))
+    truth = score_tsr(trained.out, cohort, device="cpu", threads=2, cache=cache)
+    seg = score_tsr(trained.out, cohort, device="cpu", threads=2, cache=cache,
+                    segmentation=SEG_PACKAGE)
+    assert sorted(cache.rglob("*.npz")) == before
+    assert seg.patient_ids == truth.patient_ids and np.array_equal(seg.y, truth.y)
+    assert any("segmentation package seg-synthetic" in n for n in seg.notes)
+    assert any("ground-truth labels" in n for n in truth.notes)
+    assert not np.allclose(seg.prob, truth.prob)  # other crops, other outputs
 
 
 def test_cli_maps_arguments_to_settings(tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ from ml.crc.predict import CrcPredictor
 from ml.evaluate.scored import Scored
 from ml.manifest import Patient, check_held_out, load_manifest
 from ml.package import read_metadata
-from ml.seg.data import load_labels, load_series
-from ml.train_common import progress, seed_everything, torch_threads
+from ml.seg.data import load_series
+from ml.seg.source import LabelFn, label_source
+from ml.train_common import pick_device, progress, seed_everything, torch_threads
 from ml.wsi_tiles import read_tissue_tiles
 
 HORIZON_MONTHS = 36.0
@@ -66,9 +67,9 @@ def comparator_probabilities(train: list[Patient], test: list[Patient],
     return out
 
 
-def _predict(predictor: CrcPredictor, p: Patient) -> tuple[float, float]:
+def _predict(predictor: CrcPredictor, p: Patient, labels_of: LabelFn) -> tuple[float, float]:
     ct = load_series(p.ct_folder(predictor.config.phase))
-    labels = load_labels(p.labels_path(), ct)
+    labels = labels_of(p, ct)
     folder = p.wsi_folder()
     tiles = None if folder is None else read_tissue_tiles(folder, predictor.tile_spec)
     result = predictor.predict(ct.hu, ct.spacing_mm, labels, tiles,
@@ -77,7 +78,8 @@ def _predict(predictor: CrcPredictor, p: Patient) -> tuple[float, float]:
 
 
 def score_crc(package: Path, manifest: Path, *, test_centre: str | None = None,
-              device: str = "cpu", threads: int = 2) -> Scored:
+              device: str = "cpu", threads: int = 2,
+              segmentation: Path | None = None) -> Scored:
     """Model A's probabilities on the held-out centre, with comparators and the truth.
 
     Parameters
@@ -90,6 +92,9 @@ def score_crc(package: Path, manifest: Path, *, test_centre: str | None = None,
         Centre to test on; default the package's held-out centre.
     device, threads
         Where the model runs and how many CPU threads torch uses.
+    segmentation
+        Segmentation package whose output places the CT crops (the service's path);
+        default the cohort's ground-truth labels.
 
     Raises
     ------
@@ -115,7 +120,8 @@ def score_crc(package: Path, manifest: Path, *, test_centre: str | None = None,
     seed_everything(0)
     with torch_threads(threads):
         predictor = CrcPredictor.from_package(package, device)
-        scores = [_predict(predictor, p) for p in progress(test, f"scoring {centre}",
+        source = label_source(segmentation, pick_device(device))
+        scores = [_predict(predictor, p, source.labels) for p in progress(test, f"scoring {centre}",
                                                            total=len(test))]
     prob = np.array([s[0] for s in scores])
     comparators = comparator_probabilities(train, test)
@@ -134,8 +140,7 @@ def score_crc(package: Path, manifest: Path, *, test_centre: str | None = None,
         split={"test_centre": centre, "test_patients": len(test),
                "comparator_training_patients": len(train),
                "package_split": split_info, "package_sha256": predictor.sha256},
-        notes=["CT crops from the cohort's ground-truth liver and tumour labels "
-               "(not the segmentation model's output).",
+        notes=[source.note,
                "Outcome y: the generator's 3-year liver-metastasis status of every test "
                "patient; the model and comparators were trained only on patients whose "
                "follow-up tells it.",

@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-centre", metavar="CENTRE",
                    help="held-out centre to evaluate on (default: the scorer's choice, "
                         "the package's held-out centre)")
+    p.add_argument("--segmentation", type=Path, metavar="PKG",
+                   help="place the model's crops with this segmentation package run on the "
+                        "portal-venous series, as the service does (default: the cohort's "
+                        "ground-truth labels, which validates the model alone)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N",
                    help="bootstrap resamples for AUC CIs (default 0: DeLong CIs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and ROC bands")
@@ -163,8 +167,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--bootstrap must be 0 (DeLong CIs) or at least 2, got {args.bootstrap}")
     task = package_task(args.model)
     manifest = manifest_path(args.manifest)
+    if args.segmentation is not None and not args.segmentation.is_dir():
+        raise ConfigError(f"segmentation package folder {args.segmentation} does not exist")
     scored = scorer(task)(args.model, manifest, test_centre=args.test_centre,
-                          device=args.device, threads=args.threads)
+                          device=args.device, threads=args.threads,
+                          segmentation=args.segmentation)
     if not isinstance(scored, Scored):
         raise ConfigError(f"the scorer of task {task!r} returned {type(scored).__name__}, "
                           "not a Scored")

@@ -27,7 +27,8 @@ from scipy.ndimage import map_coordinates
 from ml.errors import OncopacsError
 from ml.manifest import Patient
 from ml.seg import CLASSES as SEG_CLASSES
-from ml.seg.data import CtVolume, load_labels, load_series
+from ml.seg.data import CtVolume, load_series
+from ml.seg.source import LabelFn, ground_truth
 from ml.tsr.config import PHASES, TsrConfig, TsrError
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,12 @@ class CropSet:
                        self.enhancement[rows])
 
 
-def patient_crops(patient: Patient, config: TsrConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Both phases' crops ``(2, 3, S, S)`` and relative enhancements from ground truth.
+def patient_crops(patient: Patient, config: TsrConfig, labels_of: LabelFn = ground_truth,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Both phases' crops ``(2, 3, S, S)`` and relative enhancements.
+
+    The labels are the ground truth's on the venous grid unless ``labels_of`` says
+    otherwise (a segmentation run on the venous series).
 
     Raises
     ------
@@ -148,7 +153,7 @@ def patient_crops(patient: Patient, config: TsrConfig) -> tuple[np.ndarray, np.n
     """
     try:
         volumes: list[CtVolume] = [load_series(patient.ct_folder(ph)) for ph in PHASES]
-        labels = load_labels(patient.labels_path(), volumes[-1])
+        labels = labels_of(patient, volumes[-1])
     except OncopacsError as exc:
         raise TsrError(f"patient {patient.index}: {exc}") from exc
     crops = np.stack([phase_crop(v.hu, v.spacing_mm, labels, config) for v in volumes])
@@ -164,11 +169,12 @@ def file_digest(path: Path) -> str:
 def load_crops(patients: list[Patient], config: TsrConfig, manifest_path: Path,
                cache_dir: Path | None,
                progress: Callable[[Iterable[Patient], str], Iterable[Patient]] | None = None,
-               ) -> CropSet:
+               labels_of: LabelFn | None = None) -> CropSet:
     """Crops of ``patients`` (PDAC), read from the cache or made and cached.
 
     The cache folder is keyed by the manifest's bytes and the crop settings, one
     ``<index>.npz`` per patient, so a changed cohort or crop never reuses stale crops.
+    Crops placed by ``labels_of`` (not the ground truth) are never cached.
 
     Raises
     ------
@@ -176,7 +182,7 @@ def load_crops(patients: list[Patient], config: TsrConfig, manifest_path: Path,
         If a patient is not a PDAC patient or its images cannot be read.
     """
     folder = None
-    if cache_dir is not None:
+    if cache_dir is not None and labels_of is None:
         folder = cache_dir / f"{file_digest(manifest_path)}-{config.crop_key()}"
         folder.mkdir(parents=True, exist_ok=True)
     crops, enhancement = [], []
@@ -190,7 +196,7 @@ def load_crops(patients: list[Patient], config: TsrConfig, manifest_path: Path,
             with np.load(path) as npz:
                 c, e = npz["crops"].astype(np.float32), npz["enhancement"]
         else:
-            c, e = patient_crops(patient, config)
+            c, e = patient_crops(patient, config, labels_of or ground_truth)
             c = c.astype(np.float16).astype(np.float32)
             if path is not None:
                 tmp = path.with_suffix(".tmp.npz")

@@ -10,6 +10,7 @@ import numpy as np
 from ml.evaluate.scored import Scored
 from ml.manifest import check_held_out, load_manifest, split_by_centre
 from ml.package import read_package
+from ml.seg.source import label_source
 from ml.train_common import pick_device, seed_everything, torch_threads
 from ml.tsr.ablations import COMPARATORS, fit_comparators
 from ml.tsr.config import config_from_dict
@@ -25,13 +26,15 @@ TRUTH = "generator truth (best achievable)"
 
 
 def score_tsr(package: Path, manifest: Path, *, test_centre: str | None = None,
-              device: str = "cpu", threads: int = 2, cache: Path | None = None) -> Scored:
+              device: str = "cpu", threads: int = 2, cache: Path | None = None,
+              segmentation: Path | None = None) -> Scored:
     """The package's P(high TSR) on the held-out centre's PDAC patients, with comparators.
 
     The split (validation share, seed) and head settings are those recorded in the
     package, so the comparators are trained exactly like the packaged model's head;
     the test centre defaults to the package's held-out centre. Crops come from the
-    ground-truth labels.
+    ground-truth labels, or for the test patients from ``segmentation`` (a
+    segmentation package run on the venous series, as in the service) when given.
 
     Raises
     ------
@@ -54,8 +57,11 @@ def score_tsr(package: Path, manifest: Path, *, test_centre: str | None = None,
         check_held_out(data, cohort, centre, package)
         split = split_by_centre(cohort.group("PDAC"), centre,
                                 float(data.get("val_fraction", 0.2)), seed)
+        source = label_source(segmentation, dev)
         sets = [load_crops(s, config, cohort.path, cache or default_cache())
-                for s in (split.train, split.val, split.test)]
+                for s in (split.train, split.val)]
+        sets.append(load_crops(split.test, config, cohort.path, cache or default_cache(),
+                               labels_of=source.labels if source.segmented else None))
         net = build_network(config, loaded.state_dict).to(dev)
         net.freeze_encoders()
         feats = [embed(net, s.crops, dev) for s in sets]
@@ -71,7 +77,7 @@ def score_tsr(package: Path, manifest: Path, *, test_centre: str | None = None,
         reference={TRUTH: test.truth}, time_months=None, event=None, risk_for_survival=None,
         split={**split.describe(), "seed": seed, "group": "PDAC"},
         notes=[
-            "Crops placed on the ground-truth tumour labels (not the segmentation model).",
+            source.note,
             "Comparators trained on the training split with the package's frozen CLIP "
             "encoder and head settings; the linear probe is a logistic regression on both "
             "phases' image embeddings.",
