@@ -20,10 +20,9 @@ import pydicom
 
 from app.context import AttentionMap, JobFailure, PhaseVolume, Services, StudyContext
 from app.model_inputs import crc_clinical
-from app.pipeline import save_result
-from app.results import Finding, slice_spacing_mm, sort_slices
+from app.pipeline import read_volume, save_result
+from app.results import Finding
 from app.results.heatmap import build_attention_seg
-from ml.hu import slice_hu
 from ml.seg.infer import segment
 
 log = logging.getLogger(__name__)
@@ -90,9 +89,7 @@ def load_arterial(services: Services, ctx: StudyContext) -> PhaseVolume | None:
         log.warning("job %d: arterial series has %d instance(s); model B goes on without it",
                     ctx.job_id, len(files))
         return None
-    ordered = sort_slices([pydicom.dcmread(p) for p in files])
-    volume = np.stack([slice_hu(ds) for ds in ordered])
-    spacing = slice_spacing_mm(ordered)
+    ordered, volume, spacing = read_volume(files)
     if _same_grid(ordered, ctx.ct):
         labels = ctx.labels
     else:

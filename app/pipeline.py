@@ -95,6 +95,13 @@ def segmented_series_uid(ctx: StudyContext) -> str:
     return decision.series_uids[0]
 
 
+def read_volume(files: list[Path],
+                ) -> tuple[list[Dataset], np.ndarray, tuple[float, float, float]]:
+    """A series' slices sorted along the slice normal, their HU volume and voxel spacing."""
+    ordered = sort_slices([pydicom.dcmread(p) for p in files])
+    return ordered, np.stack([slice_hu(ds) for ds in ordered]), slice_spacing_mm(ordered)
+
+
 def load_ct(services: Services, ctx: StudyContext) -> StudyContext:
     """Read the series to segment into a HU volume sorted along the slice normal."""
     series_uid = segmented_series_uid(ctx)
@@ -102,10 +109,7 @@ def load_ct(services: Services, ctx: StudyContext) -> StudyContext:
     if len(files) < 2:
         raise JobFailure(f"series {series_uid} has {len(files)} instance(s); a volume needs "
                          "at least 2 slices")
-    ordered = sort_slices([pydicom.dcmread(p) for p in files])
-    ctx.ct = ordered
-    ctx.volume_hu = np.stack([slice_hu(ds) for ds in ordered])
-    ctx.spacing_mm = slice_spacing_mm(ordered)
+    ctx.ct, ctx.volume_hu, ctx.spacing_mm = read_volume(files)
     return ctx
 
 

@@ -25,7 +25,7 @@ from ml.manifest import Patient, check_held_out, load_manifest
 from ml.package import read_metadata
 from ml.seg.data import load_series
 from ml.seg.source import LabelFn, label_source
-from ml.train_common import pick_device, progress, seed_everything, torch_threads
+from ml.train_common import progress, seed_everything, torch_threads
 from ml.wsi_tiles import read_tissue_tiles
 
 HORIZON_MONTHS = 36.0
@@ -120,7 +120,7 @@ def score_crc(package: Path, manifest: Path, *, test_centre: str | None = None,
     seed_everything(0)
     with torch_threads(threads):
         predictor = CrcPredictor.from_package(package, device)
-        source = label_source(segmentation, pick_device(device))
+        source = label_source(segmentation, predictor.device)
         scores = [_predict(predictor, p, source.labels) for p in progress(test, f"scoring {centre}",
                                                            total=len(test))]
     prob = np.array([s[0] for s in scores])

@@ -25,7 +25,7 @@ LabelFn = Callable[[Patient, CtVolume], np.ndarray]
 
 
 def ground_truth(patient: Patient, ct: CtVolume) -> np.ndarray:
-    """The cohort's ground-truth labels, resampled onto ``ct``'s grid."""
+    """The cohort's ground-truth labels, checked to lie on ``ct``'s grid."""
     return load_labels(patient.labels_path(), ct)
 
 
